@@ -1,0 +1,1 @@
+"""Distributed hyperparameter search for fine-tuning-based backdoor defenses."""

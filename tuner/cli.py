@@ -1,0 +1,66 @@
+"""Command line: ``python -m tuner [search flags]`` (the search) and the subcommands
+``zoo``, ``evaluate`` and ``report``.
+
+Every subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``. Bad input raises :class:`UsageError` (or a library error carrying the
+same meaning); it is printed as one line on stderr with exit status 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tuner.errors import UsageError
+
+COMMANDS = {
+    "search": ("tuner.cmd_search", "run a hyperparameter search (the default command)"),
+    "zoo": ("tuner.cmd_zoo", "build or load the backdoored victims and print their metrics"),
+    "evaluate": ("tuner.cmd_evaluate", "run one defense configuration on every victim"),
+    "report": ("tuner.cmd_report", "re-render the report of a finished run, without Ray"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from zoo.data import DataError
+
+    errors: list[type[BaseException]] = [UsageError, DataError]
+    try:
+        from defenses import ConfigError
+
+        errors.append(ConfigError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuner",
+        description="Hyperparameter search for fine-tuning backdoor defenses. Without a "
+        "subcommand, runs the search: python -m tuner --defense ngf",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{search,zoo,evaluate,report}")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["search", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,96 @@
+"""Device-resident batches: one uint8 tensor per split, augmentation done per batch on device.
+
+No DataLoader workers and no PIL: a batch is an index into the resident tensor, a random crop
+(pad then crop at a per-image offset, as ``RandomCrop(size, padding)``) and an optional
+horizontal flip, both vectorized over the batch, then conversion to float and normalization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from zoo.data import DatasetInfo, Split
+
+__all__ = ["DeviceLoader", "augment", "normalize"]
+
+
+def normalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 N,C,H,W -> float, scaled to [0, 1] then standardized per channel."""
+    mean = torch.tensor(info.mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding ``info.pad`` and, where allowed, a horizontal flip."""
+    n, c, h, w = x.shape
+    p = info.pad
+    dev = x.device
+    if p > 0:
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+        batch = torch.arange(n, device=dev)[:, None, None, None]
+        chan = torch.arange(c, device=dev)[None, :, None, None]
+        x = padded[batch, chan, rows, cols]
+    if info.hflip:
+        flip = torch.rand(n, generator=generator, device=dev) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """Shuffled, augmented, normalized batches from a split that lives on ``device``.
+
+    Training batches have a fixed shape: the last incomplete batch is dropped (as BackdoorBench's
+    ``drop_last=True``), unless the split is smaller than one batch, in which case the whole
+    split is one batch.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        info: DatasetInfo,
+        *,
+        batch_size: int,
+        device: torch.device,
+        seed: int = 0,
+        train: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: expected >= 1")
+        self.split = split.to(device)
+        self.info = info
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.channels_last = device.type == "cuda"
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        if not self.train:
+            return -(-n // self.batch_size)
+        return max(1, n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        if self.train:
+            order = torch.randperm(n, generator=self.generator, device=self.device)
+            bs = min(self.batch_size, n)
+        else:
+            order = torch.arange(n, device=self.device)
+            bs = self.batch_size
+        for i in range(len(self)):
+            idx = order[i * bs : (i + 1) * bs]
+            x = self.split.x[idx]
+            if self.train:
+                x = augment(x, self.info, self.generator)
+            x = normalize(x, self.info)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.split.y[idx]
