@@ -14,4 +14,4 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)

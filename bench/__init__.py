@@ -1,0 +1,1 @@
+"""Performance benchmarks (not tests): ``python -m bench NAME``; see the README for figures."""

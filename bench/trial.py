@@ -1,0 +1,54 @@
+"""``python -m bench trial``: one defense run on one victim, the way a search trial does it.
+
+FST at its paper defaults (10 epochs, batch 128, lr 0.01, alpha 0.2) on 2,500 clean 32x32
+images, then one evaluation of 10,000 clean and 9,000 triggered images: seconds, training
+images/s and evaluation images/s. On CUDA it runs twice: bf16 autocast + channels_last (the
+default there) and fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from bench._setup import Workload
+from defenses import get_defense, make_config
+from zoo.metrics import evaluate
+from zoo.models import build_model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(w: Workload, arch: str, device: torch.device, *, precision: str = "auto",
+             epochs: int = 10, seed: int = 0) -> dict[str, Any]:
+    """Our trial loop: device-resident batches, one evaluation at the end."""
+    cfg = make_config("fst", {"epochs": epochs})  # paper defaults, no per-dataset override
+    model = build_model(arch, w.info)
+    model.load_state_dict(w.victim)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in get_defense("fst").run(model, w.clean, w.info, cfg, seed=seed, device=device,
+                                    precision=precision):
+        pass
+    sync(device)
+    t1 = time.perf_counter()
+    m = evaluate(model, w.test, w.triggered, w.target, w.info, device=device, precision=precision)
+    sync(device)
+    t2 = time.perf_counter()
+    steps = epochs * (len(w.clean) // cfg.batch_size)
+    return {
+        "arch": arch, "device": str(device), "precision": precision, "epochs": epochs,
+        "seconds": t2 - t0, "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
+        "train_images_per_s": steps * cfg.batch_size / (t1 - t0),
+        "eval_images_per_s": (len(w.test) + len(w.triggered)) / (t2 - t1),
+        "acc": m.acc, "asr": m.asr,
+    }
+
+
+def precisions(device: torch.device) -> list[str]:
+    return ["bf16", "fp32"] if device.type == "cuda" else ["fp32", "bf16"]

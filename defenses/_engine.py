@@ -1,0 +1,312 @@
+"""Shared mechanics of every fine-tuning defense; the algorithms live in their own files.
+
+What is here exists once:
+
+- configs: :class:`ConfigError`, :func:`build_config` (paper defaults, then a dataset's override
+  diff, then the caller's params, each key and type checked), :func:`config_fields`,
+  :func:`config_asdict` and small value checks used by each ``Config.__post_init__``;
+- parameters: :func:`select_trainable` (all / head / backbone via ``requires_grad``, frozen parts
+  in eval mode), :func:`reinit_head` (PyTorch's default ``nn.Linear`` init, seeded);
+- schedules: the lr "at global step t" helpers :func:`cosine_lr` and :func:`multistep_lr`
+  (super-fine-tuning's triangular schedule is its algorithm and lives in ``sft.py``);
+- the loop: :func:`fit` draws device batches (one shuffled pass of :class:`zoo.loader.DeviceLoader`,
+  or a fixed number of batches drawn with replacement), sets the lr of every step, calls the
+  defense's ``step(x, y) -> loss`` and yields one :class:`EpochResult` per epoch.
+
+Divergence: the per-step losses are summed on the device and checked, together with the trainable
+parameters, once per epoch (one host sync per epoch, none per step). A NaN or inf anywhere in the
+epoch propagates into that sum, so the epoch is reported ``diverged=True`` and the loop stops. It
+never raises for divergence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from zoo.data import DatasetInfo, Split
+from zoo.loader import DeviceLoader, augment, normalize
+from zoo.runtime import PRECISIONS, prepare_model
+
+__all__ = [
+    "ConfigError",
+    "EpochResult",
+    "Trainable",
+    "build_config",
+    "check",
+    "check_common",
+    "config_asdict",
+    "config_fields",
+    "cosine_lr",
+    "fit",
+    "multistep_lr",
+    "prepare",
+    "reinit_head",
+    "select_trainable",
+]
+
+Trainable = Literal["all", "head", "backbone"]
+TRAINABLE = ("all", "head", "backbone")
+
+
+class ConfigError(ValueError):
+    """A defense name, config key, type or value that is not accepted."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What a defense reports after each epoch."""
+
+    epoch: int  # 1-based
+    loss: float  # mean training loss over the epoch's steps (non-finite when diverged)
+    lr: float  # learning rate of the epoch's last step
+    diverged: bool  # a non-finite loss or parameter appeared; the run stops after this result
+
+
+# =============================================================================================
+# Configs
+# =============================================================================================
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, key: str, value: Any, tp: Any) -> Any:
+    """``value`` as field type ``tp``; int is accepted for float, bool only for bool."""
+    bad = ConfigError(
+        f"{name}: {key}={value!r} ({type(value).__name__}) is not valid: expected {_type_name(tp)}"
+    )
+    if typing.get_origin(tp) is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if isinstance(value, bool):  # bool is an int subclass: never a number here
+        raise bad
+    if tp is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, numbers.Real):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{name}: field {key} has unsupported type {tp!r}")
+
+
+def config_types(cfg_cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass."""
+    hints = typing.get_type_hints(cfg_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cfg_cls)}
+
+
+def build_config(
+    cfg_cls: type,
+    name: str,
+    overrides: Mapping[str, Mapping[str, Any]],
+    params: Mapping[str, Any] | None = None,
+    *,
+    dataset: str | None = None,
+) -> Any:
+    """Paper defaults, then ``overrides[dataset]``, then ``params``; keys and types checked."""
+    types = config_types(cfg_cls)
+    values: dict[str, Any] = {}
+    layers = [overrides.get(dataset, {}) if dataset is not None else {}, params or {}]
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in types:
+                raise ConfigError(
+                    f"{name}: unknown config key {key!r} (value {value!r}): expected one of "
+                    + ", ".join(types)
+                )
+            values[key] = _coerce(name, key, value, types[key])
+    return cfg_cls(**values)
+
+
+def config_fields(cfg_cls: type) -> dict[str, dict[str, Any]]:
+    """JSON-able description: field -> {"type", "default"[, "choices"]}."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cfg_cls):
+        tp = config_types(cfg_cls)[f.name]
+        entry: dict[str, Any] = {"default": f.default}
+        if typing.get_origin(tp) is Literal:
+            entry.update(type="str", choices=list(typing.get_args(tp)))
+        else:
+            entry["type"] = tp.__name__
+        out[f.name] = entry
+    return out
+
+
+def config_asdict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain JSON-able dict."""
+    return dataclasses.asdict(cfg)
+
+
+def check_common(cfg: Any) -> None:
+    """Checks every config shares: epochs, batch size, lr-like and regularization fields."""
+    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1")
+    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1")
+    for key in ("lr", "weight_decay", "momentum"):
+        v = getattr(cfg, key, 0.0)
+        check(v >= 0.0 and math.isfinite(v), f"{key}={v}: expected a finite number >= 0")
+    momentum = getattr(cfg, "momentum", 0.0)
+    check(momentum < 1.0, f"momentum={momentum}: expected a number < 1")
+
+
+# =============================================================================================
+# Parameters
+# =============================================================================================
+
+
+def select_trainable(model: nn.Module, which: Trainable) -> list[nn.Parameter]:
+    """Set ``requires_grad`` so only ``which`` is tuned, and put the model in train mode.
+
+    A frozen backbone (``which="head"``) is also put in eval mode, so its BatchNorm running
+    statistics stay fixed and the backbone's function is unchanged: only the head moves.
+    """
+    if which not in TRAINABLE:
+        raise ConfigError(f"trainable={which!r}: expected one of {', '.join(TRAINABLE)}")
+    head = model.head
+    head_ids = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        in_head = id(p) in head_ids
+        p.requires_grad_(which == "all" or (which == "head") == in_head)
+    model.train()
+    if which == "head":
+        model.eval()
+        head.train()
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def reinit_head(head: nn.Linear, seed: int) -> None:
+    """PyTorch's default Linear init range: weight and bias ~ U(-1/sqrt(d), 1/sqrt(d)), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(head.in_features)
+    with torch.no_grad():
+        w = torch.empty(head.weight.shape).uniform_(-bound, bound, generator=gen)
+        head.weight.copy_(w)
+        if head.bias is not None:
+            b = torch.empty(head.bias.shape).uniform_(-bound, bound, generator=gen)
+            head.bias.copy_(b)
+
+
+# =============================================================================================
+# Schedules: lr at a step, from the step's position (no scheduler objects, no state)
+# =============================================================================================
+
+
+def cosine_lr(base: float, t: float, t_max: float) -> float:
+    """``CosineAnnealingLR`` (eta_min 0) in closed form; periodic beyond ``t_max`` as torch's."""
+    return base * (1.0 + math.cos(math.pi * t / t_max)) / 2.0
+
+
+def multistep_lr(base: float, t: float, milestones: Sequence[float], gamma: float) -> float:
+    """``MultiStepLR``: ``base * gamma ** (number of milestones <= t)``."""
+    return base * gamma ** sum(1 for m in milestones if t >= m)
+
+
+# =============================================================================================
+# The loop
+# =============================================================================================
+
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LrAt = Callable[[int, int], float]  # (global step, steps per epoch) -> lr
+
+
+def _with_replacement(
+    split: Split, info: DatasetInfo, batch_size: int, steps: int, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` augmented batches whose indices are drawn with replacement (NGF's sampler)."""
+    n = len(split)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=gen, device=split.x.device)
+        x = normalize(augment(split.x[idx], info, gen), info)
+        if split.x.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, split.y[idx]
+
+
+def _all_finite(params: Sequence[torch.Tensor], total: torch.Tensor) -> torch.Tensor:
+    flags = [torch.isfinite(total)] + [torch.isfinite(p).all() for p in params]
+    return torch.stack(flags).all()
+
+
+def fit(
+    model: nn.Module,
+    clean: Split,
+    info: DatasetInfo,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer,
+    lr_at: LrAt,
+    step: Step,
+    steps_per_epoch: int = 0,
+) -> Iterator[EpochResult]:
+    """Run ``step`` over ``epochs`` epochs of clean batches; yield after each epoch.
+
+    ``steps_per_epoch == 0``: one shuffled pass of :class:`DeviceLoader` per epoch (last partial
+    batch dropped). ``> 0``: that many batches per epoch, indices drawn with replacement.
+    ``step(x, y)`` does one update and returns the detached batch loss (a 0-d tensor).
+    """
+    device = torch.device(device)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if steps_per_epoch > 0:
+        data = clean.to(device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ipe = steps_per_epoch
+    else:
+        loader = DeviceLoader(clean, info, batch_size=batch_size, device=device, seed=seed)
+        ipe = len(loader)
+    for epoch in range(epochs):
+        if steps_per_epoch > 0:
+            batches = _with_replacement(data, info, batch_size, ipe, gen)
+        else:
+            batches = iter(loader)
+        total = torch.zeros((), device=device)
+        lr = 0.0
+        for i, (x, y) in enumerate(batches):
+            lr = lr_at(epoch * ipe + i, ipe)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = total + step(x, y).float()
+        mean_loss, finite = torch.stack([total / ipe, _all_finite(params, total).float()]).tolist()
+        diverged = finite < 0.5
+        yield EpochResult(epoch + 1, mean_loss, lr, diverged)
+        if diverged:
+            return
+
+
+def prepare(model: nn.Module, device: torch.device | str, precision: str) -> torch.device:
+    """Validate ``precision``, move ``model`` to ``device`` in place; return the device."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    prepare_model(model, device)
+    return device

@@ -1,0 +1,177 @@
+"""The report renders from hand-made raw files, without Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuner.errors import UsageError
+from tuner.report import collect, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SPACE = {
+    "defense": "ft", "path": "search_spaces/ft.yaml",
+    "params": {
+        "lr": {"name": "FloatDistribution",
+               "attributes": {"low": 0.001, "high": 0.05, "log": True, "step": None}},
+        "epochs": {"name": "IntDistribution",
+                   "attributes": {"low": 5, "high": 20, "log": False, "step": 1}},
+    },
+    "default": {"lr": 0.01, "epochs": 10}, "constraints": [],
+}
+
+
+def _pa(acc: float, asr: float, ra: float = 50.0, der: float = 60.0) -> dict:
+    return {"acc": acc, "asr": asr, "ra": ra, "der": der}
+
+
+def _trial(i: int, lr: float, epochs: int, acc: float, asr: float, **kw) -> dict:
+    per = {"badnets": _pa(acc, asr), "blended": _pa(acc - 2, asr + 4)}
+    row = {"trial_id": f"t{i}", "params": {"lr": lr, "epochs": epochs}, "state": "COMPLETE",
+           "epochs": epochs, "score": (acc - asr + acc - 2 - asr - 4) / 2, "per_attack": per,
+           "diverged": False, "error": None, "seconds": 1.5, "history": []}
+    row.update(kw)
+    return row
+
+
+def _seed(shift: float) -> dict:
+    return {"badnets": {"before": _pa(95, 99, 1), "after": _pa(90 + shift, 5 + shift), "seconds": 1},
+            "blended": {"before": _pa(94, 98, 1), "after": _pa(88 + shift, 10), "seconds": 1},
+            "sig": {"before": _pa(93, 97, 2), "after": _pa(80, 30 - shift), "seconds": 1}}
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    spec = {"defense": "ft", "dataset": "digits", "arch": "cnn", "attacks": ["badnets", "blended"],
+            "holdout_attacks": ["sig"], "objective": "mean", "seed": 0, "num_samples": 6,
+            "scheduler": "asha", "poison_rate": 0.1}
+    trials = [
+        _trial(0, 0.01, 10, 90, 40),
+        _trial(1, 0.03, 15, 88, 5),
+        _trial(2, 0.002, 6, 95, 90),
+        _trial(3, 0.04, 20, 0, 100, diverged=True, score=-100.0),
+        _trial(4, 0.02, 12, 0, 0, state="ERROR", error="RuntimeError: boom", score=None,
+               per_attack={}),
+        _trial(5, 0.015, 8, 89, 20),
+    ]
+    final = {"best": {"params": {"lr": 0.03, "epochs": 15}, "val_score": 81.0,
+                      "seeds": [_seed(0.0), _seed(2.0), _seed(4.0)]},
+             "default": {"params": {"lr": 0.01, "epochs": 10}, "val_score": 49.0,
+                         "seeds": [_seed(-10.0), _seed(-8.0), _seed(-12.0)]},
+             "no_defense": {"per_attack": {"badnets": _pa(95, 99, 1), "blended": _pa(94, 98, 1),
+                                           "sig": _pa(93, 97, 2)}}}
+    for name, obj in (("spec.json", spec), ("space.json", SPACE), ("trials.json", trials),
+                      ("final.json", final), ("timing.json", {"wall_seconds": 123.4})):
+        (tmp_path / name).write_text(json.dumps(obj))
+    return tmp_path
+
+
+OUTPUTS = ("report.md", "summary.json", "best_config.json", "trials.csv", "objective.png",
+           "pareto.png", "importance.png")
+
+
+def test_write_report_writes_every_file_and_pngs_are_images(run_dir: Path) -> None:
+    assert write_report(run_dir) == run_dir / "report.md"
+    for name in OUTPUTS:
+        assert (run_dir / name).is_file(), name
+    for name in OUTPUTS[4:]:
+        assert (run_dir / name).read_bytes().startswith(PNG), name
+
+
+def test_summary_keys_and_seed_statistics(run_dir: Path) -> None:
+    write_report(run_dir)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert list(s) == ["defense", "dataset", "arch", "attacks", "holdout_attacks", "objective",
+                       "num_trials", "failed_trials", "wall_seconds", "best", "default",
+                       "no_defense"]
+    assert (s["num_trials"], s["failed_trials"], s["wall_seconds"]) == (6, 1, 123.4)
+    best = s["best"]
+    assert set(best) == {"params", "val_score", "test"}
+    assert set(best["test"]) == {"score", "score_std", "per_attack"}
+    assert set(best["test"]["per_attack"]) == {"badnets", "blended", "sig"}  # held out included
+    assert best["test"]["per_attack"]["badnets"]["acc"] == pytest.approx(92.0)  # 90, 92, 94
+    assert best["test"]["per_attack"]["sig"]["asr"] == pytest.approx(28.0)
+    # score per seed over the search attacks only: mean(acc-asr) of badnets and blended
+    scores = [((90 + d) - (5 + d) + (88 + d) - 10) / 2 for d in (0.0, 2.0, 4.0)]
+    assert best["test"]["score"] == pytest.approx(statistics.fmean(scores))
+    assert best["test"]["score_std"] == pytest.approx(statistics.stdev(scores))
+    assert s["default"]["params"] == {"lr": 0.01, "epochs": 10}
+    assert s["no_defense"]["per_attack"]["sig"] == {"acc": 93.0, "asr": 97.0, "ra": 2.0}
+
+
+def test_best_config_is_params_wrapper(run_dir: Path) -> None:
+    write_report(run_dir)
+    b = json.loads((run_dir / "best_config.json").read_text())
+    assert b["params"] == {"lr": 0.03, "epochs": 15} and b["defense"] == "ft"
+
+
+def test_trials_csv_has_one_row_per_trial(run_dir: Path) -> None:
+    write_report(run_dir)
+    with (run_dir / "trials.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["trial_id"] for r in rows] == [f"t{i}" for i in range(6)]
+    assert rows[4]["error"] == "RuntimeError: boom" and rows[4]["score"] == ""
+    assert rows[3]["diverged"] == "True"
+    assert float(rows[1]["param_lr"]) == 0.03 and float(rows[1]["badnets_asr"]) == 5.0
+
+
+def test_report_md_has_sections_and_marks_holdout(run_dir: Path) -> None:
+    md = write_report(run_dir).read_text()
+    for section in ("## Search", "## Objective", "## Search space", "## Best configuration",
+                    "## Test results per attack", "## Top-10 trials", "## Parameter importances",
+                    "## Plots", "![Objective over trials](objective.png)"):
+        assert section in md, section
+    assert "sig (held out)" in md
+    assert "RuntimeError: boom" in md
+    assert "92.0 ± 2.0" in md  # badnets best ACC over the three seeds
+
+
+def test_importances_computed_on_rebuilt_study(run_dir: Path) -> None:
+    data = collect(run_dir)
+    assert set(data.importances) == {"lr", "epochs"}
+    assert sum(data.importances.values()) == pytest.approx(1.0)
+
+
+def test_rendering_twice_is_identical(run_dir: Path) -> None:
+    write_report(run_dir)
+    first = {n: (run_dir / n).read_bytes() for n in OUTPUTS}
+    write_report(run_dir)
+    assert {n: (run_dir / n).read_bytes() for n in OUTPUTS} == first
+
+
+def test_run_without_final_or_space_still_renders(run_dir: Path) -> None:
+    (run_dir / "final.json").unlink()
+    (run_dir / "space.json").unlink()
+    write_report(run_dir)
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["best"]["params"] == {"lr": 0.03, "epochs": 15}  # best by val among usable trials
+    assert s["best"]["test"] is None
+    assert "not computed" in (run_dir / "report.md").read_text()
+
+
+def test_missing_or_invalid_run_dir_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a directory"):
+        collect(tmp_path / "nope")
+    with pytest.raises(UsageError, match="spec.json: missing"):
+        collect(tmp_path)
+    (tmp_path / "spec.json").write_text("{not json")
+    (tmp_path / "trials.json").write_text("[]")
+    with pytest.raises(UsageError, match="unreadable JSON"):
+        collect(tmp_path)
+
+
+def test_cli_report_rerenders_and_reports_bad_dir(run_dir: Path, tmp_path_factory) -> None:
+    ok = subprocess.run([sys.executable, "-m", "tuner", "report", str(run_dir)],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (run_dir / "report.md").is_file() and str(run_dir / "report.md") in ok.stdout
+    bad = tmp_path_factory.mktemp("empty") / "missing"
+    out = subprocess.run([sys.executable, "-m", "tuner", "report", str(bad)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a directory" in out.stderr

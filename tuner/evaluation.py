@@ -1,0 +1,138 @@
+"""Run one defense configuration on every victim and measure it (no Ray, no Optuna).
+
+- :func:`trial_epochs` drives a search trial: one model and one defense generator per victim,
+  advanced one epoch at a time in turn (victims interleaved), each model evaluated on the
+  validation split after every epoch.
+- :func:`run_config` runs a configuration to the end and measures it once, on test (the final
+  evaluation and ``python -m tuner evaluate``) or val.
+
+A victim whose defense reports divergence keeps the worst-case metrics from then on:
+ACC 0, ASR 100, RA 0 and DER 0 (the lowest DER, rather than the formula's value for those
+numbers, so that every objective ranks the divergence last). The other victims continue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["DIVERGED_METRICS", "resolve_config", "run_config", "trial_epochs"]
+
+DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
+
+
+def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str | None,
+                   max_epochs: int | None = None) -> Any:
+    """``make_config(defense, params, dataset=...)``, with ``epochs`` capped at ``max_epochs``."""
+    from defenses import make_config
+
+    cfg = make_config(defense, dict(params or {}), dataset=dataset)
+    if max_epochs is not None and cfg.epochs > max_epochs:
+        cfg = dataclasses.replace(cfg, epochs=int(max_epochs))
+    return cfg
+
+
+def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, info: Any,
+             split: str, device: torch.device) -> dict[str, float]:
+    from zoo.metrics import der, evaluate
+
+    after = evaluate(model, clean, triggered, victim.target, info, device=device)
+    out = after.as_dict()
+    out["der"] = der(victim.metrics[split], after)
+    return out
+
+
+def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
+           device: torch.device) -> tuple[torch.nn.Module, Iterator[Any]]:
+    from defenses import get_defense
+
+    model = victim.model(device)
+    run = get_defense(defense).run(model, splits.clean, splits.info, cfg, seed=seed, device=device)
+    return model, iter(run)
+
+
+def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
+                 splits: Any, *, seed: int, device: torch.device,
+                 max_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+    """Yield, after every epoch, the per-attack metrics on val.
+
+    Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
+    "diverged": bool (any victim diverged so far), "diverged_attacks": [...], "loss": mean
+    training loss of the last epoch over the victims still running (None if none)}``.
+    Stops when every generator has finished, or when every victim has diverged.
+    """
+    cfg = resolve_config(defense, params, splits.info.name, max_epochs)
+    runs = {v.attack: _start(defense, cfg, v, splits, seed, device) for v in victims}
+    by_attack = {v.attack: v for v in victims}
+    state: dict[str, str] = {a: "running" for a in runs}  # running | done | diverged
+    last: dict[str, dict[str, float]] = {}
+    epoch = 0
+    while True:
+        epoch += 1
+        advanced, losses = False, []
+        for attack, (model, gen) in runs.items():
+            if state[attack] != "running":
+                continue
+            result = next(gen, None)
+            if result is None:
+                state[attack] = "done"
+                continue
+            advanced = True
+            if result.diverged:
+                state[attack], last[attack] = "diverged", dict(DIVERGED_METRICS)
+                continue
+            losses.append(float(result.loss))
+            v = by_attack[attack]
+            last[attack] = _measure(model, v, splits.val, v.bd_val, splits.info, "val", device)
+        if not advanced:
+            return
+        yield _item(epoch, runs, last, state, losses)
+        if all(s == "diverged" for s in state.values()):
+            return
+
+
+def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, float]],
+          state: Mapping[str, str], losses: Sequence[float]) -> dict[str, Any]:
+    diverged = sorted(a for a, s in state.items() if s == "diverged")
+    return {
+        "epoch": epoch,
+        "per_attack": {a: dict(last[a]) for a in runs if a in last},
+        "diverged": bool(diverged),
+        "diverged_attacks": diverged,
+        "loss": sum(losses) / len(losses) if losses else None,
+    }
+
+
+def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
+               splits: Any, *, seed: int, device: torch.device,
+               split: str = "test") -> dict[str, dict[str, Any]]:
+    """Run the configuration to the end on every victim; measure on ``split`` ("test"/"val").
+
+    Returns ``{attack: {"before": {acc, asr, ra}, "after": {acc, asr, ra, der},
+    "seconds": defense wall time, "diverged": bool, "epochs": epochs run}}``.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split {split!r}: expected 'test' or 'val'")
+    cfg = resolve_config(defense, params, splits.info.name)
+    clean = splits.test if split == "test" else splits.val
+    out: dict[str, dict[str, Any]] = {}
+    for v in victims:
+        start = time.perf_counter()
+        model, gen = _start(defense, cfg, v, splits, seed, device)
+        diverged, epochs = False, 0
+        for result in gen:
+            epochs = int(result.epoch)
+            if result.diverged:
+                diverged = True
+                break
+        seconds = time.perf_counter() - start
+        triggered = v.bd_test if split == "test" else v.bd_val
+        after = (dict(DIVERGED_METRICS) if diverged
+                 else _measure(model, v, clean, triggered, splits.info, split, device))
+        out[v.attack] = {"before": v.metrics[split].as_dict(), "after": after,
+                         "seconds": seconds, "diverged": diverged, "epochs": epochs}
+    return out
