@@ -43,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{search,zoo,evaluate,report}")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
+        epilog = None
+        if name == "search":
+            epilog = "other commands: " + "; ".join(
+                f"python -m tuner {n} --help ({h})" for n, (_, h) in COMMANDS.items() if n != "search")
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         importlib.import_module(module).add_arguments(p)
     return parser
@@ -51,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+    # The search is the default command, so `python -m tuner --help` shows its flags.
+    if not argv or argv[0] not in COMMANDS:
         argv = ["search", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)

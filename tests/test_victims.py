@@ -1,0 +1,96 @@
+"""Victim zoo: build, store hit, corrupt entry rebuilt, validation before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.data import load_splits
+from zoo.train import Recipe, _Progress, default_recipe
+from zoo.victims import ZooSpec, get_victims
+
+TINY = Recipe(epochs=1, batch_size=64, lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits("digits")
+
+
+def _spec(tmp_path, **kw) -> ZooSpec:
+    return ZooSpec("digits", zoo_dir=tmp_path / "zoo", recipe=TINY, **kw)
+
+
+def test_build_then_load_from_store(tmp_path, splits) -> None:
+    spec = _spec(tmp_path)
+    first = get_victims(spec, ["none", "badnets"], splits=splits, device="cpu", progress=False)
+    assert [v.attack for v in first] == ["none", "badnets"] and all(v.built for v in first)
+    bad = first[1]
+    assert len(bad.bd_test) == int((splits.test.y != 0).sum())
+    assert torch.all(bad.bd_test.x[:, :, -2:, -2:] == 255)
+    assert set(bad.metrics) == {"val", "test"} and 0 <= bad.metrics["test"].acc <= 100
+    second = get_victims(spec, ["badnets"], splits=splits, device="cpu", progress=False)
+    assert not second[0].built and second[0].key == bad.key
+    assert second[0].metrics == bad.metrics
+    x = splits.test.x[:16].float()
+    m1, m2 = bad.model("cpu").eval(), second[0].model("cpu").eval()
+    assert torch.equal(m1(x), m2(x))
+    assert torch.equal(second[0].bd_test.x, bad.bd_test.x)
+
+
+def test_key_depends_on_recipe_rate_and_seed(tmp_path, splits) -> None:
+    from zoo.attacks import make_attack
+    from zoo.victims import victim_description
+
+    attack = make_attack("badnets", splits.info)
+    base = victim_description(_spec(tmp_path), attack)
+    assert victim_description(_spec(tmp_path, poison_rate=0.05), attack) != base
+    assert victim_description(ZooSpec("digits", recipe=Recipe(2, 64, 0.05)), attack) != base
+    assert victim_description(_spec(tmp_path, seed=1), make_attack("badnets", splits.info, seed=1)) != base
+    none = make_attack("none", splits.info)
+    assert victim_description(_spec(tmp_path), none) == victim_description(_spec(tmp_path, poison_rate=0.05), none)
+
+
+def test_corrupt_entry_is_rebuilt(tmp_path, splits, capsys) -> None:
+    spec = _spec(tmp_path)
+    (victim,) = get_victims(spec, ["blended"], splits=splits, device="cpu", progress=False)
+    model_file = tmp_path / "zoo" / victim.key / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    (again,) = get_victims(spec, ["blended"], splits=splits, device="cpu", progress=False)
+    assert again.built and "corrupt" in capsys.readouterr().err
+    (third,) = get_victims(spec, ["blended"], splits=splits, device="cpu", progress=False)
+    assert not third.built
+
+
+@pytest.mark.parametrize(
+    ("attacks", "kw", "match"),
+    [
+        (["nope"], {}, "unknown attack 'nope'"),
+        (["badnets"], {"poison_rate": 1.5}, "poison rate 1.5"),
+        (["badnets", "sig"], {"poison_rate": 0.5}, "sig: poison rate 0.5 needs 539 target-class images but class 0 has 107"),
+        (["badnets"], {"arch": "vit"}, "unknown model 'vit'"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_built(tmp_path, splits, attacks, kw, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        get_victims(_spec(tmp_path, **kw), attacks, splits=splits, device="cpu", progress=False)
+    assert not (tmp_path / "zoo").exists() or not any((tmp_path / "zoo").iterdir())
+
+
+def test_default_recipes_are_documented_backdoorbench_values() -> None:
+    r = default_recipe("cifar10", "preact-resnet18")
+    assert (r.epochs, r.batch_size, r.lr, r.momentum, r.weight_decay) == (100, 128, 0.01, 0.9, 5e-4)
+    g = default_recipe("gtsrb", "preact-resnet18")
+    assert g.epochs == 50 and g.lr_at(49) > 0.005  # cosine over 100 epochs, cut at 50
+    assert default_recipe("digits", "cnn").lr_at(0) == default_recipe("digits", "cnn").lr
+
+
+def test_progress_prints_a_line_every_few_epochs_when_not_a_tty(capsys) -> None:
+    import sys
+
+    bar = _Progress("badnets victim (cnn on digits)", 10, True, stream=sys.stderr)
+    for e in range(1, 11):
+        bar.update(e, 0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "training badnets victim (cnn on digits): epoch 10/10 loss 0.500"
+    assert len(lines) == 5

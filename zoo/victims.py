@@ -1,0 +1,252 @@
+"""The zoo: one backdoored victim per attack, built once and kept in the store.
+
+A victim's store key hashes everything that determines it: dataset, split seed, arch, attack
+name and ``params()`` (trigger seed and target included), poison rate (None for the clean
+model, which does not depend on it), the training recipe, and the store's format version.
+Each entry holds two tensor groups, ``model`` (the state_dict) and ``attack`` (the trigger's
+state), and its no-defense metrics on val and test in ``meta``.
+
+>>> from zoo.victims import ZooSpec, get_victims
+>>> victims = get_victims(ZooSpec("digits"), ["badnets"])   # doctest: +SKIP
+>>> victims[0].metrics["test"].asr                          # doctest: +SKIP
+100.0
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.attacks import ATTACKS, Attack, make_attack, restore_attack
+from zoo.data import DATASETS, DatasetInfo, Split, Splits, load_splits
+from zoo.metrics import Metrics, evaluate
+from zoo.models import ARCHS, Classifier, build_model
+from zoo.runtime import pick_device, prepare_model
+from zoo.train import Recipe, default_recipe, train_victim
+
+__all__ = ["Victim", "ZooSpec", "get_victims", "prepare_attacks", "victim_description"]
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """What the zoo is built from. ``recipe=None`` means :func:`zoo.train.default_recipe`."""
+
+    dataset: str
+    arch: str = "cnn"
+    poison_rate: float = 0.1
+    seed: int = 0
+    data_root: str | Path | None = None
+    zoo_dir: str | Path | None = None
+    blend_image: str | Path | None = None
+    recipe: Recipe | None = None
+
+    def training_recipe(self) -> Recipe:
+        return self.recipe or default_recipe(self.dataset, self.arch)
+
+
+@dataclass
+class Victim:
+    """One trained victim with its trigger and its no-defense metrics (plain, picklable)."""
+
+    attack: str
+    dataset: str
+    arch: str
+    info: DatasetInfo
+    target: int
+    state_dict: dict[str, torch.Tensor]
+    attack_obj: Attack
+    bd_val: Split
+    bd_test: Split
+    metrics: dict[str, Metrics]
+    key: str
+    seconds: float  # build time (training + evaluation) if built, load time if loaded
+    built: bool
+    train_seconds: float = 0.0  # training time recorded when the victim was built
+
+    def model(self, device: torch.device | str = "cpu") -> Classifier:
+        """A fresh model with the victim's weights, on ``device`` (left in train mode)."""
+        model = build_model(self.arch, self.info)
+        model.load_state_dict(self.state_dict)
+        return prepare_model(model, torch.device(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be wrong is caught before anything is trained or written.
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_spec(spec: ZooSpec, attacks: list[str]) -> None:
+    if spec.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {spec.dataset!r}: expected one of {', '.join(DATASETS)}")
+    if spec.arch not in ARCHS:
+        raise ValueError(f"unknown model {spec.arch!r}: expected one of {', '.join(ARCHS)}")
+    if not attacks:
+        raise ValueError(f"no attacks given: expected any of {', '.join(ATTACKS)}")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}: expected any of {', '.join(ATTACKS)}")
+    if not 0.0 < spec.poison_rate < 1.0:
+        raise ValueError(f"poison rate {spec.poison_rate}: expected a number in (0, 1)")
+
+
+def prepare_attacks(spec: ZooSpec, attacks: list[str], splits: Splits) -> dict[str, Attack]:
+    """Validate ``spec`` and build each attack, checking its poison rate against the data.
+
+    Raises ValueError (one line, naming the bad value) before any training happens.
+    """
+    _check_spec(spec, attacks)
+    out: dict[str, Attack] = {}
+    for name in dict.fromkeys(attacks):
+        extra: dict[str, Any] = {}
+        if name == "blended" and spec.blend_image is not None:
+            extra["image"] = spec.blend_image
+        attack = make_attack(name, splits.info, seed=spec.seed, **extra)
+        if attack.needs_clean_model:  # the clean model's key enters this victim's key
+            attack.clean_model = _clean_key(spec, splits.info)
+        try:
+            attack.check(splits.train, spec.poison_rate)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        out[name] = attack
+    return out
+
+
+def victim_description(spec: ZooSpec, attack: Attack) -> dict[str, Any]:
+    """What the store key hashes (the store adds its format version)."""
+    return {
+        "kind": "victim",
+        "dataset": spec.dataset,
+        "split_seed": spec.seed,
+        "arch": spec.arch,
+        "attack": attack.name,
+        "attack_params": attack.params(),
+        "poison_rate": None if attack.name == "none" else spec.poison_rate,
+        "recipe": asdict(spec.training_recipe()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Build or load
+# ---------------------------------------------------------------------------------------------
+
+
+def _open_store(spec: ZooSpec) -> Any:
+    from zoo.store import Store
+
+    return Store(spec.zoo_dir if spec.zoo_dir is not None else Store.default_root())
+
+
+def _clean_key(spec: ZooSpec, info: DatasetInfo) -> str:
+    """Store key of the clean (``none``) victim of ``spec``: what model-dependent triggers come from."""
+    from zoo.store import Store
+
+    return Store.key(victim_description(spec, make_attack("none", info, seed=spec.seed)))
+
+
+def _prepare(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, progress: bool) -> float:
+    """Run ``attack.prepare`` (with a loader of the clean model when it needs one); returns seconds."""
+    if not attack.needs_preparation:
+        return 0.0
+    start = time.perf_counter()
+
+    def clean_model() -> Classifier:
+        (clean,) = get_victims(spec, ["none"], splits=splits, device=device, progress=progress)
+        return clean.model(device)
+
+    attack.prepare(splits, clean_model if attack.needs_clean_model else None, device, progress)
+    return time.perf_counter() - start
+
+
+def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, progress: bool
+           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    start = time.perf_counter()
+    prepare_s = _prepare(spec, attack, splits, device, progress)
+    recipe = spec.training_recipe()
+    state, train_s = train_victim(attack, splits, spec.arch, poison_rate=spec.poison_rate, recipe=recipe,
+                                  seed=spec.seed, device=device, progress=progress)
+    model = build_model(spec.arch, splits.info)
+    model.load_state_dict(state)
+    model = prepare_model(model, device)
+    metrics = {
+        name: evaluate(model, clean, attack.triggered(clean), attack.target, splits.info, device=device).as_dict()
+        for name, clean in (("val", splits.val), ("test", splits.test))
+    }
+    meta = {
+        "attack": attack.name,
+        "attack_params": attack.params(),
+        "dataset": spec.dataset,
+        "arch": spec.arch,
+        "split_seed": spec.seed,
+        "poison_rate": spec.poison_rate,
+        "recipe": asdict(recipe),
+        "metrics": metrics,
+        "train_seconds": train_s,
+        "prepare_seconds": prepare_s,
+        "seconds": time.perf_counter() - start,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {"model": state, "attack": attack.state()}, meta
+
+
+def _victim(spec: ZooSpec, info: DatasetInfo, splits: Splits, entry: Any, seconds: float, built: bool) -> Victim:
+    meta = entry.meta
+    attack = restore_attack(info, meta["attack_params"], entry.groups.get("attack", {}))
+    return Victim(
+        attack=attack.name,
+        dataset=spec.dataset,
+        arch=spec.arch,
+        info=info,
+        target=attack.target,
+        state_dict=entry.groups["model"],
+        attack_obj=attack,
+        bd_val=attack.triggered(splits.val),
+        bd_test=attack.triggered(splits.test),
+        metrics={k: Metrics(**meta["metrics"][k]) for k in ("val", "test")},
+        key=entry.key,
+        seconds=seconds,
+        built=built,
+        train_seconds=float(meta.get("train_seconds", 0.0)),
+    )
+
+
+def get_victims(
+    spec: ZooSpec,
+    attacks: list[str],
+    *,
+    splits: Splits | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[Victim]:
+    """Load each attack's victim from the store, building (and storing) the missing ones.
+
+    Validation happens first: a bad dataset, arch, attack or poison rate raises ValueError
+    before anything is trained or written. Concurrent callers build each victim once (the
+    store's lock is held around "get, else build and put").
+    """
+    _check_spec(spec, attacks)
+    if splits is None:
+        splits = load_splits(spec.dataset, data_root=spec.data_root, seed=spec.seed)
+    prepared = prepare_attacks(spec, attacks, splits)
+    dev = pick_device(device)
+    store = _open_store(spec)
+    victims = []
+    for name, attack in prepared.items():
+        start = time.perf_counter()
+        key = store.key(victim_description(spec, attack))
+        entry, built = store.get(key), False
+        if entry is None:
+            with store.lock(key):
+                entry = store.get(key)
+                if entry is None:
+                    groups, meta = _build(spec, attack, splits, dev, progress)
+                    entry, built = store.put(key, groups, meta), True
+        victim = _victim(spec, splits.info, splits, entry, float(entry.meta["seconds"]), built)
+        if not built:
+            victim.seconds = time.perf_counter() - start
+        victims.append(victim)
+    return victims
