@@ -1,0 +1,64 @@
+"""``python -m tuner`` (the search) as a user runs it, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT_FILES = ("spec.json", "space.json", "trials.json", "final.json", "timing.json",
+                "study.db", "report.md", "summary.json", "best_config.json", "trials.csv")
+
+
+def tuner(*argv: str, timeout: float, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "tuner", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def test_help_explains_every_search_flag(tmp_path: Path) -> None:
+    out = tuner("search", "--help", timeout=60, cwd=tmp_path).stdout
+    for flag in ("--defense", "--attacks", "--holdout-attacks", "--objective", "--num-samples",
+                 "--max-concurrent", "--scheduler", "--max-epochs", "--gpus-per-trial",
+                 "--cpus-per-trial", "--address", "--output", "--name", "--resume",
+                 "--final-seeds", "--space", "--zoo-dir", "--smoke-test", "--seed"):
+        assert flag in out, flag
+    assert "(default: None)" not in out.split("\nattacks:", 1)[1]  # defaults said in words
+
+
+def test_bad_flag_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    start = time.time()
+    r = tuner("--defense", "ft", "--attacks", "badnets", "--holdout-attacks", "badnets",
+              "--output", str(tmp_path / "runs"), timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--holdout-attacks" in r.stderr and not (tmp_path / "runs").exists()
+    assert time.time() - start < 30
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
+    r = tuner("--defense", "ft", "--smoke-test", "--output", str(tmp_path / "runs"),
+              "--zoo-dir", str(tmp_path / "zoo"), "--name", "smoke", timeout=590, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "smoke"
+    for name in REPORT_FILES:
+        assert (run / name).is_file(), name
+    assert "trial   2/2" in r.stdout and str(run / "report.md") in r.stdout
+    assert "best found" in r.stdout and "no defense" in r.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("defense", "dataset", "attacks", "objective", "num_trials", "best", "default",
+                "no_defense", "wall_seconds"):
+        assert key in summary, key
+    assert summary["num_trials"] == 2 and summary["attacks"] == ["badnets"]
+    trials = json.loads((run / "trials.json").read_text())
+    assert all(t["state"] == "complete" and t["epochs"] == 1 for t in trials)
+    final = json.loads((run / "final.json").read_text())
+    assert final["best"]["params"]["epochs"] == 1 and len(final["best"]["seeds"]) == 1

@@ -1,0 +1,253 @@
+"""The Tune layer: fractional GPUs, a two-node cluster, resume, pruning bookkeeping, export.
+
+Trials run a fake ``epochs_fn`` (sleep, then fixed metrics) so the tests check scheduling and
+bookkeeping in seconds; the real defenses are covered by the CLI test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+import ray  # noqa: E402
+
+from tuner import trainable  # noqa: E402
+from tuner.spaces import load_space  # noqa: E402
+from tuner.spec import ExperimentSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_ARGS = {"include_dashboard": False, "log_to_driver": False,
+            "object_store_memory": 100 * 1024 * 1024}
+
+
+def sleeper(seconds: float, log: str | None = None, epochs: int = 1) -> Any:
+    """A picklable fake ``trial_epochs``: ``epochs`` epochs of ``seconds``, score from ``lr``."""
+
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *, seed: int,
+                  device: Any, max_epochs: int | None) -> Iterator[dict]:
+        key = json.dumps(params, sort_keys=True)
+        if log:
+            with open(log, "a") as f:
+                f.write(f"start {key}\n")
+        acc = 90.0 + 100 * float(params.get("lr", 0.0))
+        for epoch in range(1, epochs + 1):
+            time.sleep(seconds)
+            yield {"epoch": epoch, "diverged": False,
+                   "per_attack": {v.attack: {"acc": acc, "asr": 10.0 / epoch, "ra": 80.0,
+                                             "der": 70.0} for v in victims}}
+        if log:
+            with open(log, "a") as f:
+                f.write(f"end {key}\n")
+
+    return epochs_fn
+
+
+def make_spec(tmp_path: Path, **kw: Any) -> ExperimentSpec:
+    base = dict(defense="ft", attacks=("badnets",), output=tmp_path, name="run",
+                scheduler="fifo", max_epochs=1, cpus_per_trial=1.0, num_samples=2)
+    return ExperimentSpec(**{**base, **kw})
+
+
+VICTIMS = [SimpleNamespace(attack="badnets")]
+
+
+@pytest.fixture
+def ray_local() -> Iterator[None]:
+    ray.init(address="local", num_cpus=4, num_gpus=1, **RAY_ARGS)
+    yield
+    ray.shutdown()
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+def test_gpu_share_caps_memory_and_threads_follow_cpus() -> None:
+    assert trainable.gpu_memory_fraction(0.25) == 0.25
+    assert trainable.gpu_memory_fraction(0) is None and trainable.gpu_memory_fraction(2) is None
+    assert trainable.torch_threads(0.5) == 1 and trainable.torch_threads(3.0) == 3
+    assert trainable.concurrency({"CPU": 16, "GPU": 1}, 1, 0.25) == 4
+    assert trainable.concurrency({"CPU": 2}, 1, 0) == 2
+    assert trainable.concurrency({"CPU": 2, "GPU": 1}, 1, 0.3) == 2
+
+
+def test_epoch_metrics_flatten_and_mark_finished() -> None:
+    item = {"epoch": 2, "diverged": False,
+            "per_attack": {"sig": {"acc": 90.0, "asr": 20.0, "ra": 70.0, "der": 80.0}}}
+    m = trainable.epoch_metrics(item, "mean", planned=3)
+    assert m["score"] == m["value_0"] == 70.0 and m["sig/asr"] == 20.0
+    assert not m["finished"] and trainable.epoch_metrics(item, "mean", planned=2)["finished"]
+    pareto = trainable.epoch_metrics(item, "pareto", planned=2)
+    assert (pareto["value_0"], pareto["value_1"]) == (90.0, 20.0)
+    assert trainable.unflatten(m) == item["per_attack"]
+
+
+def test_asha_stopped_trial_reaches_optuna_as_pruned(tmp_path: Path) -> None:
+    import optuna
+
+    spec = make_spec(tmp_path, num_samples=3)
+    searcher = trainable.build_searcher(spec, load_space("ft", dataset="digits"))
+    first = searcher.suggest("a")
+    assert first == load_space("ft", dataset="digits").default  # paper default goes first
+    searcher.suggest("b")
+    for tid, finished in (("a", True), ("b", False)):
+        result = {"value_0": 50.0, "score": 50.0, "training_iteration": 1, "finished": finished}
+        searcher.on_trial_result(tid, result)
+        searcher.on_trial_complete(tid, result)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+
+
+def test_study_export_and_best_prefers_complete_trials(tmp_path: Path) -> None:
+    import optuna
+
+    from tuner.search import export_study, pick_best
+
+    space = load_space("ft", dataset="digits")
+    pa = {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}
+    hi = {"badnets": {"acc": 99.0, "asr": 1.0, "ra": 90.0, "der": 95.0}}
+    rec = dict(diverged=False, error=None, seconds=1.0, epochs=1)
+    records = [
+        {**rec, "trial_id": "t1", "params": dict(space.default), "state": "complete",
+         "score": 85.0, "values": [85.0], "per_attack": pa,
+         "history": [{"epoch": 1, "value_0": 85.0}]},
+        {**rec, "trial_id": "t2", "params": {**space.default, "lr": 0.02}, "state": "pruned",
+         "score": 98.0, "values": [98.0], "per_attack": hi,
+         "history": [{"epoch": 1, "value_0": 98.0}]},
+        {**rec, "trial_id": "t3", "params": {**space.default, "lr": 0.03}, "state": "error",
+         "score": None, "values": [], "per_attack": {}, "history": [], "error": "boom"},
+    ]
+    assert pick_best(records, "mean")["trial_id"] == "t1"
+    assert export_study(tmp_path / "study.db", records, space, "mean", "s") == 3
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert study.best_value == 85.0
+
+
+# -- real Ray ----------------------------------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_four_quarter_gpu_trials_run_at_once(tmp_path: Path, ray_local: None) -> None:
+    spec = make_spec(tmp_path, num_samples=4, gpus_per_trial=0.25)
+    records = trainable.run_tune(spec, load_space("ft", dataset="digits"), VICTIMS, None,
+                                 epochs_fn=sleeper(3.0))
+    assert len(records) == 4 and all(r["state"] == "complete" for r in records)
+    starts = [r["started_at"] for r in records]
+    ends = [r["started_at"] + r["seconds"] for r in records]
+    assert max(starts) < min(ends), "the four 0.25-GPU trials did not overlap"
+    assert records[0]["per_attack"]["badnets"]["asr"] == 10.0
+    assert records[0]["params"] == load_space("ft", dataset="digits").default  # created first
+    assert (tmp_path / "run" / "ray").is_dir()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_pareto_search_with_asha_reports_two_values(tmp_path: Path, ray_local: None) -> None:
+    import optuna
+
+    from tuner.search import export_study
+
+    space = load_space("ft", dataset="digits")
+    spec = make_spec(tmp_path, num_samples=4, objective="pareto", scheduler="asha",
+                     max_epochs=3)
+    records = trainable.run_tune(spec, space, VICTIMS, None, epochs_fn=sleeper(0.2, epochs=3))
+    assert len(records) == 4 and {r["state"] for r in records} <= {"complete", "pruned"}
+    assert all(len(r["values"]) == 2 and r["history"] for r in records)
+    done = [r for r in records if r["state"] == "complete"]
+    assert done and all(r["epochs"] == 3 and r["values"][1] == pytest.approx(10 / 3) for r in done)
+    export_study(tmp_path / "study.db", records, space, "pareto", "p")
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.directions[1] == optuna.study.StudyDirection.MINIMIZE and study.best_trials
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_trials_spread_over_two_nodes(tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        spec = make_spec(tmp_path, num_samples=2)
+        records = trainable.run_tune(spec, load_space("ft", dataset="digits"), VICTIMS, None,
+                                     epochs_fn=sleeper(4.0))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert all(r["state"] == "complete" for r in records)
+    assert len({r["node"] for r in records}) == 2
+
+
+DRIVER = textwrap.dedent("""
+    import sys, json
+    from pathlib import Path
+    from types import SimpleNamespace
+    sys.path.insert(0, {tests!r})
+    from test_search_ray import sleeper
+    from tuner import trainable
+    from tuner.spaces import load_space
+    from tuner.spec import ExperimentSpec
+    spec = ExperimentSpec(**json.loads(sys.argv[1]))
+    with trainable.ray_session(spec):
+        records = trainable.run_tune(spec, load_space("ft", dataset="digits"),
+                                     [SimpleNamespace(attack="badnets")], None,
+                                     epochs_fn=sleeper(1.5, sys.argv[2]))
+    print("RECORDS", json.dumps([r["state"] for r in records]))
+""")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(170)
+def test_interrupted_search_resumes_to_exactly_num_samples(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    log.touch()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(ROOT / "tests")))
+    spec = make_spec(tmp_path, num_samples=4, max_concurrent=1)
+    args = {k: v for k, v in spec.to_dict().items()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(args), str(log)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while log.read_text().count("end ") < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert log.read_text().count("end ") >= 2, proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    first = json.loads(out.split("RECORDS", 1)[1]) if "RECORDS" in out else []
+    assert 2 <= sum(s != "incomplete" for s in first) < 4, out[-2000:]
+
+    resumed = json.dumps({**args, "resume": True})
+    out = subprocess.run([sys.executable, str(script), resumed, str(log)], env=env,
+                         capture_output=True, text=True, timeout=90).stdout
+    states = json.loads(out.split("RECORDS", 1)[1])
+    assert states == ["complete"] * 4
+    ends = [line for line in log.read_text().splitlines() if line.startswith("end ")]
+    assert len(ends) == 4 and len(set(ends)) == 4, "a finished trial ran twice"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
+    from tuner.errors import UsageError
+
+    spec = make_spec(tmp_path, address="127.0.0.1:1")
+    start = time.time()
+    with pytest.raises(UsageError, match="no Ray cluster answers"):
+        with trainable.ray_session(spec):
+            pass
+    assert time.time() - start < 30

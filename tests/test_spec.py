@@ -1,0 +1,124 @@
+"""ExperimentSpec: every bad flag fails early with one line naming it (no Ray, no zoo build)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from tuner import cmd_search
+from tuner.errors import UsageError
+from tuner.spec import ExperimentSpec, check_writable, default_name, from_args
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    cmd_search.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def build(tmp_path: Path, *argv: str) -> ExperimentSpec:
+    return from_args(parse("--output", str(tmp_path / "runs"), "--device", "cpu", *argv))
+
+
+def test_defaults_are_the_cpu_budget_run(tmp_path: Path) -> None:
+    spec = build(tmp_path, "--defense", "ngf")
+    assert spec.attacks == ("badnets", "blended", "wanet", "sig")
+    assert (spec.num_samples, spec.final_seeds, spec.max_epochs) == (16, 3, None)
+    assert spec.gpus_per_trial == 0.0 and spec.cpus_per_trial == 1.0
+    assert spec.output.is_absolute() and spec.run_dir.parent == tmp_path / "runs"
+    assert spec.name.startswith("ngf-digits-")
+
+
+def test_smoke_test_shrinks_but_explicit_flags_win(tmp_path: Path) -> None:
+    spec = build(tmp_path, "--defense", "ft", "--smoke-test")
+    assert (spec.num_samples, spec.final_seeds, spec.max_epochs, spec.attacks) == (
+        2, 1, 1, ("badnets",))
+    spec = build(tmp_path, "--defense", "ft", "--smoke-test", "--num-samples", "3",
+                 "--attacks", "sig,wanet")
+    assert spec.num_samples == 3 and spec.attacks == ("sig", "wanet")
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--defense", "nope"], "unknown defense 'nope'"),
+    (["--defense", "ft", "--num-samples", "0"], "--num-samples 0"),
+    (["--defense", "ft", "--final-seeds", "0"], "--final-seeds 0"),
+    (["--defense", "ft", "--max-concurrent", "0"], "--max-concurrent 0"),
+    (["--defense", "ft", "--max-epochs", "0"], "--max-epochs 0"),
+    (["--defense", "ft", "--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5"),
+    (["--defense", "ft", "--gpus-per-trial", "-0.1"], "--gpus-per-trial -0.1"),
+    (["--defense", "ft", "--gpus-per-trial", "0.25"], "no GPU on this machine"),
+    (["--defense", "ft", "--cpus-per-trial", "0"], "--cpus-per-trial 0"),
+    (["--defense", "ft", "--attacks", "badnets", "--holdout-attacks", "badnets,sig"],
+     "--holdout-attacks badnets also in --attacks"),
+    (["--defense", "ft", "--attacks", "badnets,badnets"], "names badnets twice"),
+    (["--defense", "ft", "--attacks", "zzz"], "unknown attack 'zzz'"),
+    (["--defense", "ft", "--attacks", ","], "--attacks is empty"),
+    (["--defense", "ft", "--address", "nohost"], "--address 'nohost'"),
+    (["--defense", "ft", "--name", "a/b"], "--name 'a/b'"),
+    (["--defense", "ft", "--resume"], "--resume needs --name"),
+    (["--defense", "ft", "--resume", "--name", "gone"], "--resume: no run to continue"),
+    (["--defense", "ft", "--poison-rate", "1.5"], "--poison-rate 1.5"),
+    (["--defense", "ft", "--dataset", "mnist"], "--data-root is required"),
+])
+def test_bad_flags_fail_with_one_line_naming_the_flag(tmp_path: Path, argv: list[str],
+                                                      needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        build(tmp_path, *argv)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_space_file_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    bad = tmp_path / "space.yaml"
+    bad.write_text("defense: ft\nparams:\n  nonsense: {type: float, low: 0.1, high: 1}\n")
+    with pytest.raises(UsageError, match="nonsense"):
+        build(tmp_path, "--defense", "ft", "--space", str(bad))
+
+
+def test_existing_run_needs_resume_or_another_name(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    (tmp_path / "runs" / "r1" / "spec.json").write_text("{}")
+    with pytest.raises(UsageError, match="already exists: pass --resume"):
+        build(tmp_path, "--defense", "ft", "--name", "r1")
+
+
+def test_resume_keeps_the_stored_search_settings(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    first = build(tmp_path, "--defense", "ft", "--name", "r1", "--num-samples", "5",
+                  "--objective", "worst")
+    first.run_dir.mkdir(parents=True)
+    (first.run_dir / "spec.json").write_text(first.to_json())
+    again = build(tmp_path, "--defense", "ft", "--name", "r1", "--resume")
+    assert again.resume and (again.num_samples, again.objective) == (5, "worst")
+    assert "num_samples" in capsys.readouterr().err
+
+
+def test_output_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="is not a folder"):
+        check_writable(blocker / "runs")
+    check_writable(tmp_path / "new" / "deeper")  # a missing folder under a writable one is fine
+
+
+def test_json_round_trip_and_paths_made_absolute(tmp_path: Path) -> None:
+    spec = ExperimentSpec(defense="ft", output=Path("rel"), name="n", attacks=["badnets"],
+                          holdout_attacks=["sig"], zoo_dir=Path("zoo"))
+    data = json.loads(spec.to_json())
+    assert data["attacks"] == ["badnets"] and Path(data["output"]).is_absolute()
+    assert ExperimentSpec.from_dict(data) == spec
+    with pytest.raises(UsageError, match="unknown field"):
+        ExperimentSpec.from_dict({**data, "bogus": 1})
+
+
+def test_frozen_and_whole_gpus_accepted() -> None:
+    spec = ExperimentSpec(defense="ft", name="n", gpus_per_trial=2)
+    with pytest.raises(AttributeError):
+        spec.seed = 3  # type: ignore[misc]
+    assert ExperimentSpec(defense="ft", name="n", gpus_per_trial=0.25).gpus_per_trial == 0.25
+
+
+def test_default_name_has_defense_dataset_and_time() -> None:
+    assert default_name("ngf", "digits", now=0).startswith("ngf-digits-19")

@@ -1,0 +1,378 @@
+"""The thin Tune layer, and the only module of the project that imports ``ray``.
+
+- ``trial``: the function trainable. One configuration, every search victim, epoch by epoch
+  (``tuner.evaluation.trial_epochs``); after each epoch it calls ``tune.report`` with the
+  objective value(s), ``score``, per-attack ``<attack>/acc|asr|ra|der``, ``diverged``,
+  ``finished`` (ran its planned epochs or diverged), ``epoch``, ``started_at`` and ``node``.
+- ``run_tune``: OptunaSearch (seeded TPE, paper default enqueued first, in-memory study) +
+  ASHA or FIFO + ``tune.Tuner``, fresh or restored, and the trial records of ``trials.json``.
+
+Pruning. ASHA-stopped trials would reach Optuna as COMPLETE with an early, lower value.
+``PruneAwareOptunaSearch`` tells Optuna they were PRUNED instead (Optuna then ranks them by
+their last intermediate value), so TPE does not learn "short trials are bad configurations".
+In multi-objective (pareto) runs Optuna keeps no intermediate values: pruned trials carry no
+values there and TPE ignores them.
+
+Only ``tuner.search`` imports this module, inside ``run_search``: ``python -m tuner --help``
+and flag validation never pay for importing Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tuner.errors import UsageError
+
+if TYPE_CHECKING:
+    from tuner.spec import ExperimentSpec
+
+__all__ = ["gpu_memory_fraction", "ray_session", "run_tune", "torch_threads", "trial"]
+
+SCORE = "score"  # what ASHA ranks by, and the progress line shows (pareto: the mean rule)
+OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
+JOIN_TIMEOUT_S = 10.0
+RAY_KEYS = ("epoch", SCORE, "diverged", "finished", "started_at", "node", "time_total_s")
+
+
+# -- pure helpers (tested without Ray) ------------------------------------------------------
+def torch_threads(cpus_per_trial: float) -> int:
+    """One torch thread per whole CPU the trial holds, at least one."""
+    return max(1, int(cpus_per_trial))
+
+
+def gpu_memory_fraction(gpus_per_trial: float) -> float | None:
+    """The share of one GPU's memory a trial may use: its GPU share; None for whole GPUs/CPU."""
+    if gpus_per_trial <= 0 or gpus_per_trial >= 1:
+        return None
+    return float(gpus_per_trial)
+
+
+def value_names(objective: str) -> list[str]:
+    """Metric names of what Optuna optimizes (1 value, 2 for pareto)."""
+    return ["value_0", "value_1"] if objective == "pareto" else ["value_0"]
+
+
+def concurrency(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many trials of (cpus, gpus) fit in ``resources`` at once."""
+    fit = int(resources.get("CPU", 0) / cpus + 1e-9)
+    if gpus > 0:
+        fit = min(fit, int(resources.get("GPU", 0) / gpus + 1e-9))
+    return fit
+
+
+def flatten(per_attack: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{a}/{k}": float(v) for a, m in per_attack.items() for k, v in m.items()}
+
+
+def unflatten(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        attack, sep, name = str(key).partition("/")
+        if sep and name in ("acc", "asr", "ra", "der") and value == value:  # skip NaN
+            out.setdefault(attack, {})[name] = float(value)
+    return out
+
+
+def epoch_metrics(item: dict[str, Any], objective: str, planned: int) -> dict[str, Any]:
+    """What one ``tune.report`` carries for one epoch of ``trial_epochs``.
+
+    A diverged victim already carries worst-case metrics (tuner.evaluation), so the values
+    stay finite; anything non-finite becomes the objective's sentinel (Optuna refuses NaN).
+    """
+    from tuner import objective as obj
+
+    diverged = bool(item["diverged"])
+    per_attack = item["per_attack"]
+    values = [float(v) for v in obj.values(per_attack, objective)]
+    score = float(obj.score(per_attack, objective))
+    if not all(math.isfinite(v) for v in [*values, score]):
+        values, score, diverged = obj.diverged_values(objective), float(obj.DIVERGED_SCORE), True
+    epoch = int(item["epoch"])
+    return {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
+            **flatten(per_attack), "diverged": diverged,
+            "finished": diverged or epoch >= planned}
+
+
+def planned_epochs(spec: dict[str, Any], params: dict[str, Any]) -> int:
+    """The epochs this configuration runs (its ``epochs``, capped by ``--max-epochs``)."""
+    from tuner.evaluation import resolve_config
+
+    return int(resolve_config(spec["defense"], params, spec["dataset"], spec["max_epochs"]).epochs)
+
+
+def max_epochs_of_space(spec: ExperimentSpec, space: Any) -> int:
+    """The ASHA horizon: the most epochs any configuration of the space (or its default) runs."""
+    from tuner.evaluation import resolve_config
+
+    dist = space.distributions.get("epochs")
+    high = 0 if dist is None else int(max(dist.choices) if hasattr(dist, "choices") else dist.high)
+    cfg = resolve_config(spec.defense, space.default, spec.dataset, spec.max_epochs)
+    high = max(high, int(cfg.epochs))
+    return min(high, spec.max_epochs) if spec.max_epochs else high
+
+
+# -- the trainable --------------------------------------------------------------------------
+def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict: dict[str, Any],
+          epochs_fn: Callable[..., Iterator[dict[str, Any]]] | None = None) -> None:
+    """One configuration on every victim; reports after each epoch (see module docstring)."""
+    import torch
+
+    torch.set_num_threads(torch_threads(spec_dict["cpus_per_trial"]))
+    device = torch.device("cuda" if spec_dict["gpus_per_trial"] > 0
+                          and torch.cuda.is_available() else "cpu")
+    fraction = gpu_memory_fraction(spec_dict["gpus_per_trial"])
+    if device.type == "cuda" and fraction is not None:
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    if epochs_fn is None:
+        from tuner.evaluation import trial_epochs as epochs_fn
+    params = dict(config)
+    planned = planned_epochs(spec_dict, params)
+    extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
+    for item in epochs_fn(spec_dict["defense"], params, victims, splits, seed=spec_dict["seed"],
+                          device=device, max_epochs=spec_dict["max_epochs"]):
+        tune.report({**epoch_metrics(item, spec_dict["objective"], planned), **extra})
+
+
+# -- Ray session ----------------------------------------------------------------------------
+def _probe(address: str) -> None:
+    """Fail fast (one line) when nothing listens at HOST:PORT, instead of a long Ray retry."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answers ({exc.strerror or exc}); "
+                         "expected the head's HOST:PORT from `ray start --head`") from None
+
+
+@contextlib.contextmanager
+def ray_session(spec: ExperimentSpec) -> Iterator[None]:
+    """Join ``--address`` or start a local Ray; a local one stops on exit.
+
+    An already initialized Ray (tests, notebooks) is used as is and left running.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
+    if spec.address is None:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.ERROR,
+                 object_store_memory=OBJECT_STORE_CAP)
+    else:
+        if spec.address != "auto":
+            _probe(spec.address)
+        try:
+            ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: "
+                             f"{first}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- search components ----------------------------------------------------------------------
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records scheduler-stopped trials as PRUNED, not COMPLETE."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if error or not result or result.get("finished", True) or \
+                trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        import optuna
+
+        try:  # single objective: Optuna takes the last intermediate value as the trial's
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+        except Exception as exc:  # bookkeeping must never kill the search
+            logging.getLogger(__name__).warning("optuna tell failed: %s", exc)
+        self._completed_trials.add(trial_id)
+
+
+def build_searcher(spec: ExperimentSpec, space: Any) -> Any:
+    import optuna
+
+    from tuner import objective as obj
+
+    directions = obj.directions(spec.objective)
+    modes = ["max" if d == "maximize" else "min" for d in directions]
+    names = value_names(spec.objective)
+    multi = len(names) > 1
+    sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True,
+                                         n_startup_trials=max(2, min(10, spec.num_samples // 3)))
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
+    try:
+        return PruneAwareOptunaSearch(
+            space=dict(space.distributions), metric=names if multi else names[0],
+            mode=modes if multi else modes[0], points_to_evaluate=[dict(space.default)],
+            sampler=sampler)
+    finally:
+        optuna.logging.set_verbosity(old)
+
+
+def build_scheduler(spec: ExperimentSpec, max_t: int) -> Any:
+    if spec.scheduler == "fifo" or max_t < 2:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", metric=SCORE, mode="max",
+                         max_t=max_t, grace_period=1 if max_t < 6 else 2, reduction_factor=3)
+
+
+class ProgressCallback(tune.Callback):
+    """One compact line per finished trial: k/N, its score, the best so far.
+
+    Stateless apart from settings, so the copy Tune restores with ``--resume`` counts right.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+
+    def _line(self, trials: list[Trial], trial: Trial, tag: str) -> None:
+        done = [t for t in trials if t is trial or t.status in (Trial.TERMINATED, Trial.ERROR)]
+        scores = [t.last_result[SCORE] for t in done if t.last_result.get(SCORE) is not None]
+        r = trial.last_result or {}
+        own = f"{r[SCORE]:7.2f}" if r.get(SCORE) is not None else "      -"
+        best = f"{max(scores):7.2f}" if scores else "      -"
+        print(f"  trial {len(done):>3}/{self.num_samples}  score {own}  best {best}  "
+              f"epochs {r.get('epoch', 0):>3}  {r.get('time_total_s', 0):5.0f}s  {tag}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
+                          **info: Any) -> None:
+        r = trial.last_result or {}
+        tag = "diverged" if r.get("diverged") else ("" if r.get("finished", True) else "pruned")
+        self._line(trials, trial, tag)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        self._line(trials, trial, "error")
+
+
+# -- the run ----------------------------------------------------------------------------------
+def _trainable(spec: ExperimentSpec, victims: list[Any], splits: Any,
+               epochs_fn: Callable[..., Iterator[dict]] | None) -> Any:
+    spec_dict = {k: getattr(spec, k) for k in ("defense", "dataset", "objective", "seed",
+                                               "max_epochs", "cpus_per_trial", "gpus_per_trial")}
+    kwargs: dict[str, Any] = {"victims": victims, "splits": splits, "spec_dict": spec_dict}
+    if epochs_fn is not None:
+        kwargs["epochs_fn"] = epochs_fn
+    fn = tune.with_parameters(trial, **kwargs)
+    return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+
+
+def _max_concurrent(spec: ExperimentSpec) -> int:
+    resources = ray.cluster_resources()
+    fit = concurrency(resources, spec.cpus_per_trial, spec.gpus_per_trial)
+    if fit < 1:
+        have = f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+        raise UsageError(f"--cpus-per-trial {spec.cpus_per_trial:g} / --gpus-per-trial "
+                         f"{spec.gpus_per_trial:g}: no trial fits in the cluster ({have})")
+    return min(fit, spec.max_concurrent) if spec.max_concurrent else fit
+
+
+def _new_tuner(spec: ExperimentSpec, space: Any, trainable: Any, max_t: int, limit: int) -> Any:
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=limit,
+                                    search_alg=build_searcher(spec, space),
+                                    scheduler=build_scheduler(spec, max_t), reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(spec.run_dir), name="ray", verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=2),
+                                  callbacks=[ProgressCallback(spec.num_samples)]),
+    )
+
+
+def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, *,
+             max_t: int | None = None,
+             epochs_fn: Callable[..., Iterator[dict]] | None = None) -> list[dict[str, Any]]:
+    """Run (or with ``spec.resume`` continue) the search; return the trial records.
+
+    Needs a Ray session (``ray_session``). ``epochs_fn`` replaces ``trial_epochs`` (tests).
+    A record's ``state`` is ``complete``, ``pruned``, ``diverged``, ``error`` or
+    ``incomplete`` (interrupted before it ended).
+    """
+    # Save the experiment state often: a killed driver then loses at most ~1 s of trials.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # Tune's new console output prints a header table even at verbose=0; the classic one is
+    # silent there, and ProgressCallback prints our one line per trial instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    max_t = max_t or max_epochs_of_space(spec, space)
+    limit = _max_concurrent(spec)
+    trainable = _trainable(spec, victims, splits, epochs_fn)
+    path = spec.run_dir / "ray"
+    if spec.resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        print(f"resuming {path}", flush=True)
+    else:
+        tuner = _new_tuner(spec, space, trainable, max_t, limit)
+    print(f"search: {spec.num_samples} trials of {spec.defense} on {len(victims)} victims, "
+          f"up to {limit} at once, {spec.scheduler} (max {max_t} epochs)", flush=True)
+    tuner.fit()
+    # Read the states back from the experiment as saved: in a restored run the in-memory
+    # result of a trial finished before the interruption can lack its "done" flag.
+    analysis = tune.ExperimentAnalysis(str(path))
+    frames = analysis.trial_dataframes
+    trials = sorted(analysis.trials, key=_creation_index)
+    return [_record(t, frames.get(t.trial_id), spec.objective) for t in trials]
+
+
+def _creation_index(t: Trial) -> int:
+    """Tune's experiment tag starts with the trial's 1-based creation index ("3_lr=...")."""
+    head = str(t.experiment_tag).split("_", 1)[0]
+    return int(head) if head.isdigit() else 1 << 30
+
+
+def _record(t: Trial, df: Any, objective: str) -> dict[str, Any]:
+    m = dict(t.last_result or {})
+    history = []
+    if df is not None and len(df):
+        keep = [c for c in df.columns if c in RAY_KEYS or c.startswith("value_")
+                or ("/" in c and not c.startswith("config/"))]
+        history = [{k: _plain(v) for k, v in row.items()} for row in df[keep].to_dict("records")]
+    if t.status == Trial.ERROR:
+        state = "error"
+    elif t.status != Trial.TERMINATED:
+        state = "incomplete"
+    elif m.get("diverged"):
+        state = "diverged"
+    else:
+        state = "complete" if m.get("finished", True) else "pruned"
+    err = t.get_error() if state == "error" else None
+    error = None if state != "error" else (
+        (str(err).strip().splitlines() or ["error"])[-1] if err else "trial failed")
+    return {
+        "trial_id": t.trial_id,
+        "params": {k: _plain(v) for k, v in (t.config or {}).items()},
+        "state": state, "epochs": int(m.get("epoch", 0) or 0),
+        "score": _plain(m.get(SCORE)),
+        "values": [_plain(m[k]) for k in value_names(objective) if k in m],
+        "per_attack": unflatten(m), "diverged": bool(m.get("diverged", False)), "error": error,
+        "seconds": float(m.get("time_total_s", 0.0) or 0.0), "node": m.get("node"),
+        "started_at": _plain(m.get("started_at")), "history": history,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python; NaN -> None (JSON has no NaN)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
