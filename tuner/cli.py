@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from tuner.errors import UsageError
 
@@ -35,8 +36,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m tuner",
         description="Hyperparameter search for fine-tuning backdoor defenses. Without a "
         "subcommand, runs the search: python -m tuner --defense ngf",
@@ -47,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "search":
             epilog = "other commands: " + "; ".join(
                 f"python -m tuner {n} --help ({h})" for n, (_, h) in COMMANDS.items() if n != "search")
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # Help texts state their defaults in words; no formatter appends them a second time.
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
         importlib.import_module(module).add_arguments(p)
     return parser
 

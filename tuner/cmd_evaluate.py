@@ -20,12 +20,13 @@ from tuner.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--defense", required=True, help="defense name, e.g. ngf")
+    parser.add_argument("--defense", required=True, help="defense to run at its paper defaults: ft, ftsam, fst, ft_init, lp, fe_tuning, "
+                             "ngf or sft")
     parser.add_argument("--params", default=None, metavar="JSON_OR_FILE",
                         help="config overrides: inline JSON or a JSON file (a flat object or "
                              "one with a 'params' key, e.g. a run's best_config.json)")
     parser.add_argument("--attacks", default=DEFAULT_SEARCH_ATTACKS,
-                        help="comma-separated attacks whose victims to defend")
+                        help=f"comma-separated attacks whose victims to defend (default {DEFAULT_SEARCH_ATTACKS})")
     parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
     add_data_flags(parser)
 

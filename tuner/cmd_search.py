@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--objective", default="mean", choices=("mean", "worst", "der", "pareto"),
                    help="mean: mean over attacks of ACC-ASR; worst: its minimum; der: mean DER; "
-                        "pareto: two objectives, ACC up and ASR down")
+                        "pareto: two objectives, ACC up and ASR down (default mean)")
     g.add_argument("--num-samples", type=int, default=S,
                    help="number of configurations to try, the paper default first "
                         "(default 16; 2 with --smoke-test)")
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most trials at once (default: as many as the CPUs/GPUs fit)")
     g.add_argument("--scheduler", default="asha", choices=("asha", "fifo"),
                    help="asha stops poor trials early (reported to Optuna as pruned); "
-                        "fifo runs every trial to the end")
+                        "fifo runs every trial to the end (default asha)")
     g.add_argument("--max-epochs", type=int, default=S,
                    help="cap on each trial's fine-tuning epochs (default: the defense's "
                         "configured epochs; 1 with --smoke-test)")
@@ -56,13 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU share per trial; 0.25 packs four trials per GPU, whole numbers "
                         "for several GPUs (default 0.25 with a local GPU, else 0: CPU trials)")
     g.add_argument("--cpus-per-trial", type=float, default=1.0,
-                   help="CPU cores per trial; also its torch thread count")
+                   help="CPU cores per trial; also its torch thread count (default 1)")
     g.add_argument("--address", default=S,
                    help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a "
                         "local Ray that stops with the run)")
     g = p.add_argument_group("output")
     g.add_argument("--output", type=Path, default=Path("runs"),
-                   help="parent folder of run folders")
+                   help="parent folder of run folders (default runs)")
     g.add_argument("--name", default=S,
                    help="run folder name (default <defense>-<dataset>-<YYYYmmdd-HHMMSS>)")
     g.add_argument("--resume", action="store_true",

@@ -23,7 +23,8 @@ DEFAULT_ZOO_ATTACKS = "none,badnets,blended,wanet,sig"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_flags(parser)
     parser.add_argument("--attacks", default=DEFAULT_ZOO_ATTACKS,
-                        help="comma-separated attacks to build or load ('none' = the clean model)")
+                        help="comma-separated attacks to build or load ('none' = the clean model; "
+                             f"default {DEFAULT_ZOO_ATTACKS})")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON list of the victims' metrics on stdout")
 
