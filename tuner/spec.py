@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -111,8 +113,9 @@ class ExperimentSpec:
             raise UsageError(f"--scheduler {self.scheduler!r}: expected one of "
                              f"{', '.join(SCHEDULERS)}")
         check_gpus_per_trial(self.gpus_per_trial)
-        if not self.cpus_per_trial > 0:
-            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a number > 0")
+        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
+                             "number > 0")
         if not 0.0 < self.poison_rate < 1.0:
             raise UsageError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
         if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
@@ -153,6 +156,8 @@ class ExperimentSpec:
         if self.gpus_per_trial > 0 and self.address is None and self.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
+        if self.address not in (None, "auto"):
+            check_reachable(self.address)
 
     def _check_run_dir(self) -> None:
         run = self.run_dir
@@ -224,6 +229,18 @@ def check_name(name: str) -> None:
     if name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*", name):
         raise UsageError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' "
                          "(one folder name, no '/')")
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast (one line) when nothing listens at HOST:PORT, instead of a long Ray retry."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UsageError(f"--address {address}: no Ray cluster answers ({reason}); "
+                         "expected the head's HOST:PORT from `ray start --head`") from None
 
 
 def check_writable(output: Path) -> None:

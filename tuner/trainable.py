@@ -15,6 +15,12 @@ values there and TPE ignores them.
 
 Only ``tuner.search`` imports this module, inside ``run_search``: ``python -m tuner --help``
 and flag validation never pay for importing Ray.
+
+Test hook. ``BACKDOOR_TUNER_FAULT`` (read by ``trial`` in the worker, inherited from the driver's
+environment) injects faults into the production code path, for the reliability tests:
+``raise:trial=N`` makes the N-th created trial (1-based) raise at its first epoch, every attempt;
+``slow:seconds=S`` sleeps S seconds after each epoch of every trial (to interrupt a search
+mid-way). Several faults join with ``;``. Unset (the normal case), nothing changes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,6 +40,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tuner.errors import UsageError
+from tuner.spec import check_reachable
 
 if TYPE_CHECKING:
     from tuner.spec import ExperimentSpec
@@ -44,6 +50,7 @@ __all__ = ["gpu_memory_fraction", "ray_session", "run_tune", "torch_threads", "t
 SCORE = "score"  # what ASHA ranks by, and the progress line shows (pareto: the mean rule)
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
 JOIN_TIMEOUT_S = 10.0
+FAULT_ENV = "BACKDOOR_TUNER_FAULT"  # test hook, see the module docstring
 RAY_KEYS = ("epoch", SCORE, "diverged", "finished", "started_at", "node", "time_total_s")
 
 
@@ -124,6 +131,42 @@ def max_epochs_of_space(spec: ExperimentSpec, space: Any) -> int:
     return min(high, spec.max_epochs) if spec.max_epochs else high
 
 
+def parse_fault(text: str) -> dict[str, float]:
+    """``"raise:trial=2;slow:seconds=0.5"`` -> ``{"raise": 2.0, "slow": 0.5}``; "" -> {}."""
+    faults: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, _, arg = part.partition(":")
+        key, _, value = arg.partition("=")
+        expected = {"raise": "trial", "slow": "seconds"}.get(kind)
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if expected is None or key != expected or not number >= 0:
+            raise UsageError(f"{FAULT_ENV}={text!r}: expected raise:trial=N or slow:seconds=S, "
+                             "joined by ';'")
+        faults[kind] = number
+    return faults
+
+
+def trial_number(trial_dir: str, trial_id: str) -> int | None:
+    """The 1-based creation index of a trial, from its folder name ``<fn>_<id>_<N>_<params>``."""
+    tail = os.path.basename(trial_dir.rstrip("/")).partition(f"_{trial_id}_")[2]
+    head = tail.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _inject(faults: dict[str, float], epoch: int) -> None:
+    """Apply the test hook's faults for this epoch of this trial (no-op when unset)."""
+    if "raise" in faults and epoch == 1:
+        ctx = tune.get_context()
+        number = trial_number(ctx.get_trial_dir(), ctx.get_trial_id())
+        if number == int(faults["raise"]):
+            raise RuntimeError(f"injected fault in trial {number} ({FAULT_ENV})")
+    if "slow" in faults:
+        time.sleep(faults["slow"])
+
+
 # -- the trainable --------------------------------------------------------------------------
 def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict: dict[str, Any],
           epochs_fn: Callable[..., Iterator[dict[str, Any]]] | None = None) -> None:
@@ -141,22 +184,20 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
     params = dict(config)
     planned = planned_epochs(spec_dict, params)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
+    faults = parse_fault(os.environ.get(FAULT_ENV, ""))
     for item in epochs_fn(spec_dict["defense"], params, victims, splits, seed=spec_dict["seed"],
                           device=device, max_epochs=spec_dict["max_epochs"]):
+        _inject(faults, int(item["epoch"]))
         tune.report({**epoch_metrics(item, spec_dict["objective"], planned), **extra})
 
 
 # -- Ray session ----------------------------------------------------------------------------
-def _probe(address: str) -> None:
-    """Fail fast (one line) when nothing listens at HOST:PORT, instead of a long Ray retry."""
-    hostport = address.removeprefix("ray://")
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_S):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--address {address}: no Ray cluster answers ({exc.strerror or exc}); "
-                         "expected the head's HOST:PORT from `ray start --head`") from None
+def local_init_kwargs(num_cpus: int) -> dict[str, Any]:
+    """``ray.init`` arguments for the local Ray the tool starts: no dashboard (so nothing
+    listens beyond Ray's own ports), no log forwarding, a capped object store."""
+    return {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
+            "log_to_driver": False, "logging_level": logging.ERROR,
+            "object_store_memory": OBJECT_STORE_CAP}
 
 
 @contextlib.contextmanager
@@ -170,12 +211,10 @@ def ray_session(spec: ExperimentSpec) -> Iterator[None]:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
     if spec.address is None:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR,
-                 object_store_memory=OBJECT_STORE_CAP)
+        ray.init(**local_init_kwargs(os.cpu_count() or 1))
     else:
         if spec.address != "auto":
-            _probe(spec.address)
+            check_reachable(spec.address, JOIN_TIMEOUT_S)
         try:
             ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
