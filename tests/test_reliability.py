@@ -106,7 +106,7 @@ def _assert_nothing_executable(run: Path) -> None:
     magic = {".json": b"", ".csv": b"", ".md": b"", ".png": b"\x89PNG",
              ".db": b"SQLite format 3\x00"}
     for path in run.iterdir():
-        if path.name == "ray":  # Ray Tune's own experiment state: see when-things-go-wrong.md
+        if path.name == "ray":  # Ray Tune's own experiment state: see README, "When things go wrong"
             continue
         assert path.suffix in magic, path.name
         assert path.read_bytes().startswith(magic[path.suffix]), path.name
@@ -469,6 +469,6 @@ def test_local_ray_starts_without_a_dashboard_and_alone() -> None:
 
 
 def test_docs_say_what_a_cluster_user_must_secure() -> None:
-    text = (ROOT / "docs" / "when-things-go-wrong.md").read_text()
+    text = (ROOT / "README.md").read_text()
     for needle in ("RAY_AUTH_MODE", "token", "--resume", "safetensors", "BACKDOOR_TUNER_FAULT"):
         assert needle in text, needle
