@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class ZooSpec:
     zoo_dir: str | Path | None = None
     blend_image: str | Path | None = None
     recipe: Recipe | None = None
+    # Per-attack parameter overrides, e.g. {"ssba": {"steps": 50}}; they enter params() and the key.
+    attack_params: dict[str, dict[str, Any]] | None = field(default=None, hash=False)
 
     def training_recipe(self) -> Recipe:
         return self.recipe or default_recipe(self.dataset, self.arch)
@@ -102,7 +104,7 @@ def prepare_attacks(spec: ZooSpec, attacks: list[str], splits: Splits) -> dict[s
     _check_spec(spec, attacks)
     out: dict[str, Attack] = {}
     for name in dict.fromkeys(attacks):
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict((spec.attack_params or {}).get(name, {}))
         if name == "blended" and spec.blend_image is not None:
             extra["image"] = spec.blend_image
         attack = make_attack(name, splits.info, seed=spec.seed, **extra)

@@ -1,5 +1,10 @@
 """Backdoor attacks: one module per attack, each with the literature's default parameters.
 
+LF, LC and TrojanNN build their trigger from the clean model of the same dataset and arch, SSBA
+trains its own encoder, Input-aware its mask generator (and then trains its pattern generator
+jointly with the victim); :func:`zoo.victims.get_victims` runs that preparation once and keeps
+the result in the attack's ``state()`` (see :class:`zoo.attacks.base.Attack`).
+
 >>> from zoo.data import dataset_info
 >>> make_attack("badnets", dataset_info("digits")).params()
 {'name': 'badnets', 'target': 0, 'seed': 0, 'patch': 2, 'value': 255}
@@ -12,8 +17,14 @@ from typing import Any
 from zoo.attacks.badnets import BadNets
 from zoo.attacks.base import Attack
 from zoo.attacks.blended import Blended
+from zoo.attacks.bpp import BPP
+from zoo.attacks.inputaware import InputAware
+from zoo.attacks.lc import LC
+from zoo.attacks.lf import LF
 from zoo.attacks.none import NoAttack
 from zoo.attacks.sig import SIG
+from zoo.attacks.ssba import SSBA
+from zoo.attacks.trojannn import TrojanNN
 from zoo.attacks.wanet import WaNet
 from zoo.data import DatasetInfo
 
@@ -25,6 +36,12 @@ ATTACKS: dict[str, type[Attack]] = {
     "blended": Blended,
     "wanet": WaNet,
     "sig": SIG,
+    "lf": LF,
+    "lc": LC,
+    "bpp": BPP,
+    "trojannn": TrojanNN,
+    "inputaware": InputAware,
+    "ssba": SSBA,
 }
 
 

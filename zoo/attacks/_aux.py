@@ -71,9 +71,10 @@ class Progress:
 class PreparedAttack(Attack):
     """An attack whose trigger tensors come from ``prepare`` (or from a stored ``state()``).
 
-    ``_state_names`` lists the tensors; before ``prepare`` (or ``restore``) they do not exist and
-    ``apply``/``state`` refuse to run. Their shapes depend on the data, so a restored state is
-    checked by name and by the hash recorded in ``params()`` only after preparation.
+    Before ``prepare`` the attack holds a seeded *placeholder* trigger (documented per attack), so
+    ``apply``/``state``/``restore`` work on any instance, but ``training_set`` (and Input-aware's
+    ``fit_victim``) refuse to run: a victim is never trained on a placeholder. Shapes of the state
+    may depend on the data (LC), so a restored state is checked by name only.
     """
 
     needs_preparation = True
@@ -88,9 +89,9 @@ class PreparedAttack(Attack):
                 f"{self.name} trigger is not built: expected prepare() first (get_victims does it) or restore()"
             )
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def training_set(self, train: Any, *, poison_rate: float, epoch: int, seed: int) -> Any:
         self._require()
-        return super().state()
+        return super().training_set(train, poison_rate=poison_rate, epoch=epoch, seed=seed)
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self._state_names) - set(state)
@@ -105,5 +106,4 @@ class PreparedAttack(Attack):
 
     def describe(self) -> dict[str, Any]:
         """Extra facts about the built trigger (hashes, strengths) for logs and tests."""
-        self._require()
         return {"trigger_sha256": digest(*(getattr(self, k) for k in self._state_names))}

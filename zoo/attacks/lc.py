@@ -9,7 +9,9 @@ Step 2, trigger ("all-corners", reduced_amplitude ``amplitude`` = 1): four 3 x 3
 each corner of a 32 x 32 image, each pixel +-255 * amplitude *added* and clipped (so W = 255,
 B = 0 at amplitude 1). Rows from the top: top-left and bottom-left WBB / BWB / WBW; top-right and
 bottom-right BBW / BWB / WBW. For other sizes the 32 x 32 annotation is resized nearest-neighbour
-(at 16 x 16: 2 x 2 corners). Clean-label: only target-class images are poisoned (hardened, then
+(``patch`` = None, BackdoorBench). Caveat: at 16 x 16 that keeps only 4 white pixels (the
+resize drops the last row/column of the bottom/right patterns), invisible on the digits' black
+background; ``patch=3`` instead puts the full 3 x 3 patterns in every corner at any size. Clean-label: only target-class images are poisoned (hardened, then
 triggered), labels kept; the rate counts against the whole training set. Test: trigger only.
 
 Departures: PGD runs against the zoo's *normally trained* clean model of the same dataset and
@@ -38,13 +40,22 @@ _LEFT = ((1, -1, -1), (-1, 1, -1), (1, -1, 1))  # WBB / BWB / WBW (+1 = white, -
 _RIGHT = ((-1, -1, 1), (-1, 1, -1), (1, -1, 1))  # BBW / BWB / WBW
 
 
-def corner_pattern(size: int) -> torch.Tensor:
-    """The all-corners annotation (+1/-1/0), float32 size x size, resized from 32 x 32 nearest."""
-    a = torch.zeros(32, 32)
+def corner_pattern(size: int, patch: int | None = None) -> torch.Tensor:
+    """The all-corners annotation (+1/-1/0), float32 size x size.
+
+    ``patch=None``: the 32 x 32 annotation resized nearest-neighbour (BackdoorBench); an int: the
+    3 x 3 patterns resized nearest to ``patch`` x ``patch`` and put in each corner of the image.
+    """
     left, right = torch.tensor(_LEFT, dtype=torch.float32), torch.tensor(_RIGHT, dtype=torch.float32)
-    a[:3, :3], a[-3:, :3] = left, left
-    a[:3, -3:], a[-3:, -3:] = right, right
-    if size == 32:
+    side = 32 if patch is None else size
+    p = 3 if patch is None else patch
+    if p != 3:
+        left = F.interpolate(left[None, None], size=(p, p), mode="nearest")[0, 0]
+        right = F.interpolate(right[None, None], size=(p, p), mode="nearest")[0, 0]
+    a = torch.zeros(side, side)
+    a[:p, :p], a[-p:, :p] = left, left
+    a[:p, -p:], a[-p:, -p:] = right, right
+    if side == size:
         return a
     return F.interpolate(a[None, None], size=(size, size), mode="nearest")[0, 0]
 
@@ -66,7 +77,7 @@ class LC(PreparedAttack):
     name = "lc"
     clean_label = True
     needs_clean_model = True
-    _ctor_params = ("eps", "step", "steps", "amplitude", "clean_model")
+    _ctor_params = ("eps", "step", "steps", "amplitude", "patch", "clean_model")
     _state_names = ("adv_x", "adv_idx")
 
     def __init__(
@@ -79,6 +90,7 @@ class LC(PreparedAttack):
         step: float = 1.5 / 255,
         steps: int = 100,
         amplitude: float = 1.0,
+        patch: int | None = None,
         clean_model: str | None = None,
     ) -> None:
         super().__init__(info, target=target, seed=seed)
@@ -89,7 +101,13 @@ class LC(PreparedAttack):
                              "step > 0, steps >= 0")
         if not 0 < self.amplitude <= 1:
             raise ValueError(f"lc amplitude {self.amplitude}: expected a number in (0, 1]")
-        self.corners = corner_pattern(info.size)
+        self.patch = None if patch is None else int(patch)
+        if self.patch is not None and not 1 <= self.patch <= info.size // 2:
+            raise ValueError(f"lc patch {self.patch}: expected 1..{info.size // 2} pixels per corner")
+        self.corners = corner_pattern(info.size, self.patch)
+        # Placeholder before prepare: no hardened images (the trigger itself needs none).
+        self.adv_x = torch.zeros(0, info.channels, info.size, info.size, dtype=torch.uint8)
+        self.adv_idx = torch.zeros(0, dtype=torch.int64)
 
     # -- hardening --------------------------------------------------------------------------------
 
@@ -137,5 +155,4 @@ class LC(PreparedAttack):
         return Split(x, y)
 
     def describe(self) -> dict[str, Any]:
-        self._require()
         return {"trigger_sha256": digest(self.adv_x, self.adv_idx), "hardened": len(self.adv_idx)}

@@ -100,8 +100,16 @@ class LF(PreparedAttack):
         if min(self.n_images, self.max_iter, self.max_passes, self.taps) < 1 or self.sigma <= 0:
             raise ValueError(f"lf n_images/max_iter/max_passes/taps/sigma {self.n_images}/{self.max_iter}/"
                              f"{self.max_passes}/{self.taps}/{self.sigma}: expected all > 0")
+        self.pattern = self._smooth_noise()
 
     # -- building the pattern ---------------------------------------------------------------------
+
+    def _smooth_noise(self) -> torch.Tensor:
+        """The placeholder before ``prepare``: spec 3.5's substitute (seeded noise, blurred, 0..xi)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        i = self.info
+        v = low_pass(torch.randn(i.channels, i.size, i.size, generator=gen), self.sigma, self.taps)
+        return torch.floor(self._normalize(v) * 255.0).clamp(0, 255).to(torch.uint8)
 
     def _normalize(self, v: torch.Tensor) -> torch.Tensor:
         lo, hi = v.min(), v.max()
@@ -145,7 +153,6 @@ class LF(PreparedAttack):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check_images(x)
-        self._require()
         return to_uint8(x.float() + self.pattern.to(x.device, torch.float32))
 
     def describe(self) -> dict[str, Any]:

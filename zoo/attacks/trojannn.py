@@ -76,6 +76,8 @@ class TrojanNN(PreparedAttack):
             raise ValueError(f"trojannn num_neuron {self.num_neuron}, steps {self.steps}, lr {self.lr}, "
                              f"bound {self.bound}: expected >= 1, >= 0, > 0, in [0, 1]")
         self.mask = square_mask(info.size)
+        # Placeholder before prepare: the optimization's starting point, the mask at full value.
+        self.trigger = (self.mask * 255).to(torch.uint8).expand(info.channels, -1, -1).contiguous()
 
     def prepare(self, splits: Any, clean_model: Callable[[], nn.Module] | None, device: torch.device,
                 progress: bool = True) -> None:
@@ -97,7 +99,7 @@ class TrojanNN(PreparedAttack):
             (g,) = torch.autograd.grad(loss, t)
             t = (t.detach() - self.lr * g.sign())
             t = torch.min(torch.max(t, start - self.bound), start + self.bound).clamp(0, 1)
-            cost = float(loss)
+            cost = float(loss.detach())
             if (i + 1) % 50 == 0 or i + 1 == self.steps:
                 bar.update(i + 1, cost)
             if cost < 1e-3:
@@ -108,7 +110,6 @@ class TrojanNN(PreparedAttack):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check_images(x)
-        self._require()
         return to_uint8(x.float() + self.trigger.to(x.device, torch.float32))
 
     def describe(self) -> dict[str, Any]:
