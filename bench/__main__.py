@@ -1,14 +1,24 @@
-"""``python -m bench NAME [--arch cnn|preact-resnet18] [--json FILE]``.
+"""``python -m bench NAME [--arch cnn|preact-resnet18] [--json FILE] [--quick]``.
 
-Benchmarks: ``trial`` (our trial loop; fp32 and bf16 on CPU, bf16+channels_last and fp32 on
-CUDA), ``reference`` (the published-code-style loop against ours, same work, ratio and ACC/ASR
-of both).
+Benchmarks:
+
+- ``trial``: our trial loop (FST defaults, 2,500 clean 32x32 images, 10 epochs, then 10,000
+  clean + 9,000 triggered images evaluated once): seconds, training and evaluation images/s;
+  fp32 and bf16 on CPU, bf16 + channels_last and fp32 on CUDA.
+- ``reference``: the published-code-style loop against ours, same work; ratio, ACC/ASR of both.
+- ``overhead``: a real 16-trial Ray Tune search: wall time against its trials' compute.
+- ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
+- ``scaling``: seconds per trial against clean-set size and number of attacks.
+
+``--quick`` shrinks every workload to check the plumbing in seconds; its figures are not the
+issue's. ``--json FILE`` writes the figures and the machine's description.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -16,23 +26,28 @@ from typing import Any
 
 import torch
 
-from bench._setup import make_workload
-from bench.reference import run_reference
-from bench.trial import precisions, run_ours
+from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.runtime import pick_device
 
-BENCHES = ("trial", "reference")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling")
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """Python, torch, CPU threads and cores, platform, GPU name when there is one."""
     info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "processor": platform.processor()}
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    """Right-aligned text table of ``cols`` of ``rows`` (floats with 2 decimals)."""
     def fmt(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
     widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
@@ -41,42 +56,129 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+QUICK_VICTIM_EPOCHS = 5
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    """The workload sizes of ``--quick`` or the issue's; ``--epochs`` replaces the epochs."""
+    base = QUICK if args.quick else FULL
+    return Sizes(base.n_clean, base.n_test, base.n_triggered, args.epochs or base.epochs)
+
+
+def victim_epochs_of(args: argparse.Namespace) -> int | None:
+    """``--victim-epochs``, else a short victim run under ``--quick``, else the recipe's."""
+    return args.victim_epochs or (QUICK_VICTIM_EPOCHS if args.quick else None)
+
+
 def bench_trial(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    w = make_workload(args.arch, device=device, seed=args.seed)
-    rows = [run_ours(w, args.arch, device, precision=p, epochs=args.epochs) for p in precisions(device)]
-    print(_table(rows, ["arch", "device", "precision", "seconds", "train_images_per_s",
-                        "eval_images_per_s", "acc", "asr"]))
-    return {"bench": "trial", "runs": rows}
+    from bench.trial import precisions, run_ours
+
+    sizes = sizes_of(args)
+    w = make_workload(args.arch, device=device, seed=args.seed, sizes=sizes,
+                      victim_epochs=victim_epochs_of(args))
+    rows = [run_ours(w, args.arch, device, precision=p, epochs=sizes.epochs, seed=args.seed)
+            for p in precisions(device)]
+    print(table(rows, ["arch", "device", "precision", "epochs", "seconds", "train_images_per_s",
+                       "eval_images_per_s", "acc", "asr"]))
+    return {"bench": "trial", "sizes": vars(sizes), "runs": rows}
 
 
 def bench_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    w = make_workload(args.arch, device=torch.device("cpu"), seed=args.seed)
-    ref = run_reference(w, args.arch, epochs=args.epochs, workers=args.workers, seed=args.seed)
-    ours = run_ours(w, args.arch, torch.device("cpu"), precision="fp32", epochs=args.epochs,
-                    seed=args.seed)
-    ratio = ref["seconds"] / ours["seconds"]
-    rows = [dict(ref, loop="reference"), dict(ours, loop="ours")]
-    print(_table(rows, ["loop", "arch", "seconds", "acc", "asr"]))
-    print(f"reference / ours = {ratio:.1f}x")
-    return {"bench": "reference", "ours_seconds": ours["seconds"], "reference_seconds": ref["seconds"],
-            "ratio": ratio, "ours": {"acc": ours["acc"], "asr": ours["asr"]},
-            "reference": {"acc": ref["acc"], "asr": ref["asr"]}, "runs": rows}
+    from bench.reference import compare
+
+    cpu = torch.device("cpu")
+    sizes = sizes_of(args)
+    w = make_workload(args.arch, device=cpu, seed=args.seed, sizes=sizes,
+                      victim_epochs=victim_epochs_of(args))
+    out = compare(w, args.arch, epochs=sizes.epochs, workers=args.workers, seed=args.seed)
+    print(table(out["runs"], ["loop", "arch", "epochs", "seconds", "acc", "asr"]))
+    print(f"reference / ours = {out['ratio']:.1f}x; |dACC| {out['acc_gap']:.2f}, "
+          f"|dASR| {out['asr_gap']:.2f} points")
+    return {"bench": "reference", "sizes": vars(sizes), **out}
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.overhead import search_timing
+
+    kw = dict(defense=args.defense, num_samples=args.num_samples, scheduler=args.scheduler,
+              seed=args.seed, victim_epochs=args.victim_epochs, zoo_dir=args.zoo_dir)
+    if args.quick:
+        kw.update(num_samples=min(args.num_samples, 4), attacks=("badnets",), max_epochs=1,
+                  victim_epochs=victim_epochs_of(args))
+    r = search_timing(**kw)
+    print(table([r], ["defense", "trials", "slots", "wall_seconds", "search_seconds",
+                      "trial_seconds_sum", "overhead_share"]))
+    print(f"Ray overhead: {100 * r['overhead_share']:.1f}% of the wall time "
+          f"({100 * r['overhead_share_in_search']:.1f}% of the search after Ray start-up); "
+          "target <= 10%")
+    return {"bench": "overhead", **r}
+
+
+def bench_packing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.overhead import run_packing
+
+    if not torch.cuda.is_available():
+        print("packing needs CUDA: no GPU here, nothing measured")
+        return {"bench": "packing", "skipped": "no CUDA"}
+    kw = dict(defense=args.defense, scheduler=args.scheduler, seed=args.seed,
+              victim_epochs=args.victim_epochs, zoo_dir=args.zoo_dir)
+    if args.quick:
+        kw.update(attacks=("badnets",), max_epochs=1, victim_epochs=victim_epochs_of(args))
+    out = run_packing(num_samples=4 if args.quick else args.num_samples, **kw)
+    print(table(out["runs"], ["trials_per_gpu", "trials", "wall_seconds", "trials_per_hour",
+                              "overhead_share"]))
+    return {"bench": "packing", **out}
+
+
+def bench_scaling(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.scaling import run_scaling
+
+    kw: dict[str, Any] = {"seed": args.seed, "victim_epochs": args.victim_epochs,
+                          "zoo_dir": args.zoo_dir, "epochs": args.epochs}
+    if args.quick:
+        kw.update(epochs=args.epochs or 1, victim_epochs=victim_epochs_of(args),
+                  counts=(1, 2), ratios=(0.01, 0.05))
+    out = run_scaling(args.defense, device=device, **kw)
+    print(table(out["clean_size"], ["clean_ratio", "clean_images", "epochs", "seconds",
+                                    "ms_per_clean_image"]))
+    print(table(out["attacks"], ["attacks", "epochs", "seconds", "seconds_per_attack"]))
+    return {"bench": "scaling", **out}
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=BENCHES)
-    p.add_argument("--arch", default="cnn", choices=("cnn", "preact-resnet18"))
+    p.add_argument("--arch", default="cnn", choices=("cnn", "preact-resnet18"),
+                   help="trial / reference: the victim's architecture")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: check the plumbing")
+    p.add_argument("--device", default="auto", help="trial / scaling: cpu, cuda or auto")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="defense epochs (trial/reference: 10, --quick 2; scaling: the defense's)")
+    p.add_argument("--victim-epochs", type=int, default=None,
+                   help="victim training epochs (default: the benchmark's recipe); a short "
+                        "run makes preact-resnet18 affordable on CPU")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    p.add_argument("--defense", default="ngf", help="overhead / packing / scaling: the defense")
+    p.add_argument("--num-samples", type=int, default=16, help="overhead / packing: trials")
+    p.add_argument("--scheduler", default="fifo", choices=("fifo", "asha"))
+    p.add_argument("--zoo-dir", default=None, help="where digits victims are stored")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    out = {"bench_trial": bench_trial, "bench_reference": bench_reference}[f"bench_{args.name}"](args, device)
-    out["machine"] = _machine()
+    run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
+           "packing": bench_packing, "scaling": bench_scaling}[args.name]
+    out = run(args, device)
+    out["quick"] = bool(args.quick)
+    out["machine"] = machine()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))

@@ -9,6 +9,7 @@ keeps ACC/ASR meaningful for the reference comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,27 @@ VICTIM_RECIPES = {
     "cnn": Recipe(epochs=20, batch_size=64, lr=0.05),
     "preact-resnet18": Recipe(epochs=2, batch_size=64, lr=0.05),
 }
+
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Workload sizes: the issue's (default) or ``--quick``'s (plumbing checks in seconds)."""
+
+    n_clean: int = 2500
+    n_test: int = 10_000
+    n_triggered: int = 9_000
+    epochs: int = 10
+
+
+FULL = Sizes()
+QUICK = Sizes(n_clean=256, n_test=1000, n_triggered=900, epochs=2)
+
+
+def victim_recipe(arch: str, victim_epochs: int | None = None) -> Recipe:
+    """The benchmark's victim recipe for ``arch``, with ``epochs`` replaced when given."""
+    recipe = VICTIM_RECIPES[arch]
+    return recipe if victim_epochs is None else dataclasses.replace(recipe, epochs=victim_epochs)
 
 
 @dataclass
@@ -50,17 +72,44 @@ def _draw(split: Split, n: int, gen: torch.Generator) -> Split:
     return split.subset(torch.randint(0, len(split), (n,), generator=gen))
 
 
-def make_workload(arch: str, *, device: torch.device, seed: int = 0, n_clean: int = 2500,
-                  n_test: int = 10_000, n_triggered: int = 9_000, progress: bool = True) -> Workload:
+def make_workload(arch: str, *, device: torch.device, seed: int = 0, sizes: Sizes = FULL,
+                  victim_epochs: int | None = None, progress: bool = True) -> Workload:
+    """Digits at 32x32 RGB, a badnets victim of ``arch`` (trained on ``device``) and the
+    clean / evaluation sets of ``sizes``, drawn with replacement from ``seed``."""
     base = load_splits("digits", seed=seed)
     train, test = _to32(base.train), _to32(base.test)
     gen = torch.Generator().manual_seed(seed)
-    splits = Splits(INFO, train, _draw(train, n_clean, gen), test, test)
+    splits = Splits(INFO, train, _draw(train, sizes.n_clean, gen), test, test)
     attack = make_attack("badnets", INFO, seed=seed)
     start = time.perf_counter()
-    victim, _ = train_victim(attack, splits, arch, poison_rate=0.1, recipe=VICTIM_RECIPES[arch],
+    victim, _ = train_victim(attack, splits, arch, poison_rate=0.1, recipe=victim_recipe(arch, victim_epochs),
                              seed=seed, device=device, progress=progress)
     seconds = time.perf_counter() - start
     trig = attack.triggered(test)
-    return Workload(INFO, splits.clean, _draw(test, n_test, gen), _draw(trig, n_triggered, gen),
+    return Workload(INFO, splits.clean, _draw(test, sizes.n_test, gen),
+                    _draw(trig, sizes.n_triggered, gen),
                     attack.target, victim, seconds)
+
+
+# -- digits victims from the zoo (scaling, overhead, packing) ----------------------------------
+DIGITS_ATTACKS = ("badnets", "blended", "wanet", "sig")  # the default search attacks
+
+
+def digits_victims(attacks: tuple[str, ...] = DIGITS_ATTACKS, *, victim_epochs: int | None = None,
+                   seed: int = 0, zoo_dir: str | None = None,
+                   clean_ratio: float | None = None) -> tuple[Splits, list]:
+    """The digits splits and the zoo's cnn victims of ``attacks`` (built once, then stored).
+
+    ``victim_epochs`` replaces the recipe's epochs (a separate store entry), as the tuner's
+    ``--smoke-test`` does; None keeps the documented digits recipe.
+    """
+    from zoo.train import default_recipe
+    from zoo.victims import ZooSpec, get_victims
+
+    splits = load_splits("digits", seed=seed, clean_ratio=clean_ratio)
+    recipe = None
+    if victim_epochs is not None:
+        recipe = dataclasses.replace(default_recipe("digits", "cnn"), epochs=victim_epochs)
+    spec = ZooSpec("digits", "cnn", seed=seed, zoo_dir=zoo_dir, recipe=recipe)
+    victims = get_victims(spec, list(attacks), splits=splits, device="cpu", progress=False)
+    return splits, victims

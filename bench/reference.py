@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from bench._setup import Workload
+from bench.trial import run_ours
 from zoo.data import DatasetInfo, Split
 from zoo.models import build_model
 
@@ -106,3 +107,23 @@ def run_reference(w: Workload, arch: str, *, epochs: int = 10, batch_size: int =
         asr = _evaluate(model, bd, w.target)
     return {"arch": arch, "seconds": time.perf_counter() - t0, "acc": acc, "asr": asr,
             "epochs": epochs, "workers": workers}
+
+
+def compare(w: Workload, arch: str, *, epochs: int = 10, workers: int = 2,
+            seed: int = 0) -> dict[str, Any]:
+    """The reference loop and ours on the same victim, clean set and test sets, on CPU, fp32.
+
+    Returns ``ours_seconds``, ``reference_seconds``, ``ratio`` (reference / ours), ``ours`` and
+    ``reference`` (each ``{"acc", "asr"}``), the absolute ACC and ASR gaps and both runs.
+    """
+    cpu = torch.device("cpu")
+    ref = run_reference(w, arch, epochs=epochs, workers=workers, seed=seed)
+    ours = run_ours(w, arch, cpu, precision="fp32", epochs=epochs, seed=seed)
+    return {
+        "ours_seconds": ours["seconds"], "reference_seconds": ref["seconds"],
+        "ratio": ref["seconds"] / ours["seconds"],
+        "ours": {"acc": ours["acc"], "asr": ours["asr"]},
+        "reference": {"acc": ref["acc"], "asr": ref["asr"]},
+        "acc_gap": abs(ours["acc"] - ref["acc"]), "asr_gap": abs(ours["asr"] - ref["asr"]),
+        "runs": [dict(ref, loop="reference"), dict(ours, loop="ours")],
+    }

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DIVERGED_METRICS", "resolve_config", "run_config", "trial_epochs"]
+__all__ = ["DIVERGED_METRICS", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 
@@ -55,25 +55,57 @@ def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
     return model, iter(run)
 
 
+def subsample_index(n: int, k: int | None, seed: int) -> torch.Tensor | None:
+    """``k`` of ``range(n)`` drawn without replacement from ``seed``, sorted; None if ``k`` is
+    None or covers the split."""
+    if k is None or k >= n:
+        return None
+    if k < 1:
+        raise ValueError(f"val_subsample {k}: expected an integer >= 1 or None")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:k].sort().values
+
+
+def _val_sets(victims: Sequence[Any], splits: Any, device: torch.device, k: int | None,
+              seed: int) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """Per attack: (clean val, triggered val) on ``device``, full and subsampled."""
+    clean = splits.val.to(device)
+    idx = subsample_index(len(clean), k, seed)
+    clean_sub = clean if idx is None else clean.subset(idx.to(device))
+    full, sub = {}, {}
+    for v in victims:
+        bd = v.bd_val.to(device)
+        bd_idx = subsample_index(len(bd), k, seed + 1)
+        full[v.attack] = (clean, bd)
+        sub[v.attack] = (clean_sub, bd if bd_idx is None else bd.subset(bd_idx.to(device)))
+    return full, sub
+
+
 def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
                  splits: Any, *, seed: int, device: torch.device,
-                 max_epochs: int | None = None) -> Iterator[dict[str, Any]]:
+                 max_epochs: int | None = None,
+                 val_subsample: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield, after every epoch, the per-attack metrics on val.
 
     Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
     "diverged": bool (any victim diverged so far), "diverged_attacks": [...], "loss": mean
-    training loss of the last epoch over the victims still running (None if none)}``.
+    training loss of the last epoch over the victims still running (None if none),
+    "val_images": clean + triggered val images measured per victim this epoch}``.
     Stops when every generator has finished, or when every victim has diverged.
+    ``val_subsample=n``: epochs before the last planned one use a fixed, seeded subset of ``n``
+    clean and ``n`` triggered val images (see the module docstring); the last uses all of val.
     """
     cfg = resolve_config(defense, params, splits.info.name, max_epochs)
     runs = {v.attack: _start(defense, cfg, v, splits, seed, device) for v in victims}
     by_attack = {v.attack: v for v in victims}
+    full, sub = _val_sets(victims, splits, device, val_subsample, seed)
     state: dict[str, str] = {a: "running" for a in runs}  # running | done | diverged
     last: dict[str, dict[str, float]] = {}
     epoch = 0
     while True:
         epoch += 1
         advanced, losses = False, []
+        val = full if epoch >= cfg.epochs else sub
         for attack, (model, gen) in runs.items():
             if state[attack] != "running":
                 continue
@@ -87,10 +119,13 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
                 continue
             losses.append(float(result.loss))
             v = by_attack[attack]
-            last[attack] = _measure(model, v, splits.val, v.bd_val, splits.info, "val", device)
+            clean, triggered = val[attack]
+            last[attack] = _measure(model, v, clean, triggered, splits.info, "val", device)
         if not advanced:
             return
-        yield _item(epoch, runs, last, state, losses)
+        item = _item(epoch, runs, last, state, losses)
+        item["val_images"] = sum(len(c) + len(t) for c, t in val.values()) // max(1, len(val))
+        yield item
         if all(s == "diverged" for s in state.values()):
             return
 

@@ -1,0 +1,207 @@
+"""bench/: each benchmark's core on tiny sizes, its JSON keys; speed-related contracts.
+
+Everything but the overhead search runs without Ray. The CUDA-only paths (GPU memory cap, device
+choice, packing) are checked on CPU with CUDA faked or absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import defenses
+from bench.__main__ import main
+from bench._setup import Sizes, make_workload
+from bench.overhead import summarize
+from bench.reference import compare
+from bench.scaling import repeat_victims, run_scaling
+from bench.trial import run_ours
+from tuner.evaluation import subsample_index, trial_epochs
+from zoo.data import Split, load_splits
+from zoo.metrics import Metrics
+from zoo.models import build_model
+
+CPU = torch.device("cpu")
+TINY = Sizes(n_clean=128, n_test=64, n_triggered=48, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def workload() -> Any:
+    torch.set_num_threads(1)
+    return make_workload("cnn", device=CPU, sizes=TINY, victim_epochs=1, progress=False)
+
+
+# -- trial and reference -----------------------------------------------------------------------
+def test_trial_reports_seconds_and_throughputs(workload: Any) -> None:
+    r = run_ours(workload, "cnn", CPU, precision="fp32", epochs=1)
+    assert r["seconds"] > 0 and r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+    assert 0.0 <= r["acc"] <= 100.0 and 0.0 <= r["asr"] <= 100.0
+    assert len(workload.test) == 64 and len(workload.triggered) == 48
+
+
+def test_reference_json_has_the_issue_keys(workload: Any) -> None:
+    out = compare(workload, "cnn", epochs=1, workers=0)
+    json.dumps(out)
+    assert {"ours_seconds", "reference_seconds", "ratio", "ours", "reference"} <= set(out)
+    assert set(out["ours"]) == set(out["reference"]) == {"acc", "asr"}
+    assert out["ratio"] == pytest.approx(out["reference_seconds"] / out["ours_seconds"])
+
+
+def test_packing_without_cuda_says_so_and_exits_0(tmp_path: Path, capsys: Any) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: packing would run")
+    path = tmp_path / "packing.json"
+    assert main(["packing", "--json", str(path)]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["skipped"] == "no CUDA" and "machine" in data
+
+
+# -- scaling -----------------------------------------------------------------------------------
+def test_scaling_reports_per_unit_costs(tmp_path: Path) -> None:
+    out = run_scaling("ft", device=CPU, epochs=1, victim_epochs=1, zoo_dir=str(tmp_path),
+                      ratios=(0.01, 0.02), counts=(1, 3), attacks=("badnets", "blended"))
+    sizes = [r["clean_images"] for r in out["clean_size"]]
+    assert sizes == [10, 20]  # balanced: 1 and 2 images per class
+    assert all(r["ms_per_clean_image"] > 0 for r in out["clean_size"])
+    assert [r["attacks"] for r in out["attacks"]] == [1, 3]
+    assert all(r["seconds_per_attack"] > 0 and r["epochs"] == 1 for r in out["attacks"])
+
+
+@dataclasses.dataclass
+class NamedVictim:
+    attack: str
+
+
+def test_repeated_victims_get_distinct_names() -> None:
+    names = [v.attack for v in repeat_victims([NamedVictim("badnets"), NamedVictim("sig")], 5)]
+    assert names == ["badnets", "sig", "badnets#2", "sig#2", "badnets#3"]
+
+
+# -- overhead ----------------------------------------------------------------------------------
+def test_overhead_share_counts_every_slot() -> None:
+    records = [{"seconds": 9.0, "state": "complete"}] * 4
+    r = summarize(records, wall=20.0, fit=18.0, slots=2)
+    assert r["trial_seconds_sum"] == 36.0
+    assert r["overhead_share"] == pytest.approx(0.1)
+    assert r["overhead_share_in_search"] == pytest.approx(0.0)
+    assert r["trials_per_hour"] == pytest.approx(720.0) and r["states"] == {"complete": 4}
+
+
+@pytest.mark.ray
+def test_overhead_runs_a_real_tiny_search(tmp_path: Path) -> None:
+    from bench.overhead import search_timing
+
+    r = search_timing(defense="ft", num_samples=2, attacks=("badnets",), max_epochs=1,
+                      victim_epochs=1, zoo_dir=str(tmp_path / "zoo"), output=str(tmp_path))
+    assert r["trials"] == 2 and r["trial_seconds_sum"] > 0
+    assert r["wall_seconds"] >= r["search_seconds"] > 0 and 0.0 <= r["overhead_share"] <= 1.0
+
+
+# -- val subsample in trial_epochs -------------------------------------------------------------
+class FakeVictim:
+    """What trial_epochs uses of a Victim: a random cnn; 'triggered' = the val images."""
+
+    def __init__(self, attack: str, info: Any, bd: Split) -> None:
+        self.attack, self.info, self.bd_val, self.target = attack, info, bd, 0
+        self.metrics = {"val": Metrics(90.0, 95.0, 3.0)}
+
+    def model(self, device: torch.device) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model("cnn", self.info).to(device)
+
+
+def test_val_subsample_is_fixed_and_the_last_epoch_uses_full_val() -> None:
+    splits = load_splits("digits", seed=0)
+    v = FakeVictim("badnets", splits.info, splits.val)
+    kw = dict(seed=3, device=CPU, val_subsample=50)
+    items = list(trial_epochs("ft", {"epochs": 3}, [v], splits, **kw))
+    assert [i["val_images"] for i in items] == [100, 100, 2 * len(splits.val)]
+    again = list(trial_epochs("ft", {"epochs": 3}, [v], splits, **kw))
+    assert items[0]["per_attack"] == again[0]["per_attack"]  # same subset, same seed
+    full = list(trial_epochs("ft", {"epochs": 3}, [v], splits, seed=3, device=CPU))
+    assert [i["val_images"] for i in full] == [2 * len(splits.val)] * 3
+    assert full[-1]["per_attack"] == items[-1]["per_attack"]
+
+
+def test_subsample_index() -> None:
+    idx = subsample_index(100, 10, seed=1)
+    assert idx is not None and len(idx) == 10 and len(set(idx.tolist())) == 10
+    assert torch.equal(idx, subsample_index(100, 10, seed=1))
+    assert subsample_index(100, None, seed=1) is None and subsample_index(10, 10, seed=1) is None
+    with pytest.raises(ValueError):
+        subsample_index(100, 0, seed=1)
+
+
+# -- no host sync per step -----------------------------------------------------------------------
+SYNCS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+def count_syncs(monkeypatch: Any, run: Any) -> int:
+    """Calls of Tensor methods that read a value on the host while ``run()`` runs."""
+    calls = [0]
+    for name in SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self: torch.Tensor, *a: Any, _f: Any = original, **k: Any) -> Any:
+            calls[0] += 1
+            return _f(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    run()
+    monkeypatch.undo()
+    return calls[0]
+
+
+@pytest.mark.parametrize("name", sorted(defenses.REGISTRY))
+def test_no_host_sync_per_step(name: str, monkeypatch: Any) -> None:
+    """Host reads per epoch do not grow with the number of steps (the engine's one per epoch)."""
+    splits = load_splits("digits", seed=0)
+    info = splits.info
+
+    def syncs(n_images: int) -> int:
+        clean = splits.train.subset(torch.arange(n_images))
+        cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
+        model = build_model("cnn", info)
+        gen = defenses.get_defense(name).run(model, clean, info, cfg, seed=0, device=CPU)
+        return count_syncs(monkeypatch, lambda: list(gen))
+
+    assert syncs(32) == syncs(128)  # 2 vs 8 steps per epoch
+
+
+# -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
+def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
+    from tuner import trainable  # imports ray, starts nothing
+
+    capped, seen = [], {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d=None: capped.append((f, torch.device(d).type)))
+    monkeypatch.setattr(trainable.tune, "report", lambda m: None)
+    monkeypatch.setattr(trainable.ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_node_id=lambda: "n"))
+
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *, seed: int,
+                  device: torch.device, max_epochs: int | None) -> Any:
+        seen["device"] = device
+        yield {"epoch": 1, "diverged": False,
+               "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}}
+
+    spec = {"defense": "ft", "dataset": "digits", "objective": "mean", "seed": 0,
+            "max_epochs": 1, "cpus_per_trial": 1.0}
+    before = torch.get_num_threads()
+    try:
+        for gpus, want_cap, want_dev in ((0.25, [(0.25, "cuda")], "cuda"), (1.0, [], "cuda"),
+                                         (0.0, [], "cpu")):
+            capped.clear()
+            trainable.trial({}, victims=[], splits=None, spec_dict={**spec, "gpus_per_trial": gpus},
+                            epochs_fn=epochs_fn)
+            assert capped == want_cap and seen["device"].type == want_dev
+    finally:
+        torch.set_num_threads(before)
