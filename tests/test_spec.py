@@ -122,3 +122,30 @@ def test_frozen_and_whole_gpus_accepted() -> None:
 
 def test_default_name_has_defense_dataset_and_time() -> None:
     assert default_name("ngf", "digits", now=0).startswith("ngf-digits-19")
+
+
+def test_address_auto_without_a_cluster_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from tuner.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "raytmp"))
+    out = tmp_path / "runs"
+    assert main(["--defense", "ngf", "--address", "auto", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --address auto: no running Ray cluster found") and "\n" not in err
+    assert not out.exists()
+
+
+def test_address_auto_follows_rays_cluster_record(tmp_path, monkeypatch):
+    from tuner.errors import UsageError
+    from tuner.spec import check_reachable, resolve_auto_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    assert resolve_auto_address() == "127.0.0.1:1"
+    with pytest.raises(UsageError, match="no Ray cluster answers"):
+        check_reachable(resolve_auto_address(), timeout=2.0)
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert resolve_auto_address() == "10.1.2.3:6379"

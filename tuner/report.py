@@ -416,7 +416,7 @@ def _md_trials(d: ReportData) -> list[str]:
     rows = [[t.trial_id, _fmt(t.score), str(t.epochs), "yes" if t.diverged else "no",
              *[_fmt(t.params.get(n), 4) for n in names]] for t in ranked]
     out = ["## Top-10 trials (val)", "",
-           *_table(["trial", "score", "epochs", "diverged", *names], rows), ""]
+           *_table(["trial", "score", "epochs run", "diverged", *names], rows), ""]
     failed = [t for t in d.trials if t.failed]
     if failed:
         out += ["Failed trials:", ""] + [f"- `{t.trial_id}`: {t.error or t.state}" for t in failed]

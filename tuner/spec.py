@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import socket
 import tempfile
@@ -156,7 +157,9 @@ class ExperimentSpec:
         if self.gpus_per_trial > 0 and self.address is None and self.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
-        if self.address not in (None, "auto"):
+        if self.address == "auto":
+            check_reachable(resolve_auto_address())
+        elif self.address is not None:
             check_reachable(self.address)
 
     def _check_run_dir(self) -> None:
@@ -229,6 +232,24 @@ def check_name(name: str) -> None:
     if name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*", name):
         raise UsageError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' "
                          "(one folder name, no '/')")
+
+
+def resolve_auto_address() -> str:
+    """What Ray's ``address="auto"`` would join: ``RAY_ADDRESS``, else the address that
+    ``ray start`` records in ``$RAY_TMPDIR/ray/ray_current_cluster`` (``/tmp`` by default)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env
+    record = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        address = record.read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError):
+        address = ""
+    if not address:
+        raise UsageError("--address auto: no running Ray cluster found on this machine (no "
+                         f"RAY_ADDRESS, no {record}); expected `ray start --head` first, or "
+                         "--address HOST:PORT")
+    return address
 
 
 def check_reachable(address: str, timeout: float = 10.0) -> None:
