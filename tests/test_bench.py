@@ -205,3 +205,30 @@ def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> 
             assert capped == want_cap and seen["device"].type == want_dev
     finally:
         torch.set_num_threads(before)
+
+
+def test_trial_passes_val_subsample_to_the_epoch_loop(monkeypatch: Any) -> None:
+    from tuner import trainable  # imports ray, starts nothing
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(trainable.tune, "report", lambda m: None)
+    monkeypatch.setattr(trainable.ray, "get_runtime_context",
+                        lambda: SimpleNamespace(get_node_id=lambda: "n"))
+
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, **kw: Any) -> Any:
+        seen.update(kw)
+        yield {"epoch": 1, "diverged": False,
+               "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}}
+
+    spec = {"defense": "ft", "dataset": "digits", "objective": "mean", "seed": 0,
+            "max_epochs": 1, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "val_subsample": 64}
+    before = torch.get_num_threads()
+    try:
+        trainable.trial({}, victims=[], splits=None, spec_dict=spec, epochs_fn=epochs_fn)
+        assert seen["val_subsample"] == 64
+        seen.clear()
+        trainable.trial({}, victims=[], splits=None, spec_dict={**spec, "val_subsample": None},
+                        epochs_fn=epochs_fn)
+        assert "val_subsample" not in seen
+    finally:
+        torch.set_num_threads(before)

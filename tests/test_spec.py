@@ -149,3 +149,12 @@ def test_address_auto_follows_rays_cluster_record(tmp_path, monkeypatch):
         check_reachable(resolve_auto_address(), timeout=2.0)
     monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
     assert resolve_auto_address() == "10.1.2.3:6379"
+
+
+def test_val_subsample_flag_is_validated_before_anything_starts(tmp_path, capsys):
+    from tuner.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["--defense", "ngf", "--val-subsample", "0", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--val-subsample" in err and "\n" not in err and not out.exists()

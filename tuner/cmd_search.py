@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-epochs", type=int, default=S,
                    help="cap on each trial's fine-tuning epochs (default: the defense's "
                         "configured epochs; 1 with --smoke-test)")
+    g.add_argument("--val-subsample", type=int, default=S, metavar="N",
+                   help="score epochs before a trial's last on a fixed, seeded subset of N clean "
+                        "and N triggered val images per attack (cheaper early ASHA rungs); the "
+                        "last epoch always uses all of val (default: all of val every epoch)")
     g.add_argument("--space", type=Path, default=S,
                    help="search-space YAML file (default: search_spaces/<defense>.yaml)")
     g.add_argument("--final-seeds", type=int, default=S,

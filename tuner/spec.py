@@ -36,16 +36,17 @@ SEARCH_ATTACKS = ("badnets", "blended", "wanet", "sig")
 # Sized so that the bare ``python -m tuner --defense ngf`` ends within about 5 minutes on a
 # 2-core CPU machine, victims included; a GPU or a cluster warrants more --num-samples.
 DEFAULTS: dict[str, Any] = {"num_samples": 16, "final_seeds": 3, "max_epochs": None,
-                            "attacks": SEARCH_ATTACKS}
+                            "attacks": SEARCH_ATTACKS, "val_subsample": None}
 # --smoke-test: the smallest run that still exercises every stage (CI).
 SMOKE_DEFAULTS: dict[str, Any] = {"num_samples": 2, "final_seeds": 1, "max_epochs": 1,
-                                  "attacks": ("badnets",)}
+                                  "attacks": ("badnets",), "val_subsample": None}
 
 # Fields that define the search; ``--resume`` continues with the stored values of these.
 # Resources (--cpus/--gpus-per-trial, --address, --device) may change between the two runs.
 RUN_FIELDS = ("defense", "dataset", "data_root", "arch", "attacks", "holdout_attacks",
               "poison_rate", "clean_ratio", "blend_image", "zoo_dir", "objective", "num_samples",
-              "scheduler", "max_epochs", "seed", "final_seeds", "space", "smoke_test")
+              "scheduler", "max_epochs", "seed", "final_seeds", "space", "smoke_test",
+              "val_subsample")
 
 
 def default_name(defense: str, dataset: str, now: float | None = None) -> str:
@@ -72,6 +73,7 @@ class ExperimentSpec:
     max_concurrent: int | None = None  # None: as many trials as the resources fit
     scheduler: str = "asha"
     max_epochs: int | None = None  # None: the defense's own epochs
+    val_subsample: int | None = None  # images per val set before the last epoch; None: full val
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
     address: str | None = None  # None: a local Ray that starts and stops with the run
@@ -107,6 +109,8 @@ class ExperimentSpec:
             _check_int("--max-concurrent", self.max_concurrent, low=1)
         if self.max_epochs is not None:
             _check_int("--max-epochs", self.max_epochs, low=1)
+        if self.val_subsample is not None:
+            _check_int("--val-subsample", self.val_subsample, low=1)
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective {self.objective!r}: expected one of "
                              f"{', '.join(OBJECTIVES)}")
@@ -320,6 +324,7 @@ def from_args(args: argparse.Namespace) -> ExperimentSpec:
         num_samples=_resolve(args, "num_samples", smoke),
         max_concurrent=_given(args, "max_concurrent"), scheduler=args.scheduler,
         max_epochs=_resolve(args, "max_epochs", smoke),
+        val_subsample=_resolve(args, "val_subsample", smoke),
         gpus_per_trial=_default_gpus(device, address) if gpus is None else gpus,
         cpus_per_trial=args.cpus_per_trial, address=address, output=args.output,
         name=name or "", resume=args.resume, seed=args.seed,

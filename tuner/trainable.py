@@ -185,8 +185,11 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
     planned = planned_epochs(spec_dict, params)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
     faults = parse_fault(os.environ.get(FAULT_ENV, ""))
+    # Only passed when set, so a test's epochs_fn need not know the keyword.
+    subsample = spec_dict.get("val_subsample")
+    extra_kw = {"val_subsample": subsample} if subsample else {}
     for item in epochs_fn(spec_dict["defense"], params, victims, splits, seed=spec_dict["seed"],
-                          device=device, max_epochs=spec_dict["max_epochs"]):
+                          device=device, max_epochs=spec_dict["max_epochs"], **extra_kw):
         _inject(faults, int(item["epoch"]))
         tune.report({**epoch_metrics(item, spec_dict["objective"], planned), **extra})
 
@@ -307,7 +310,8 @@ class ProgressCallback(tune.Callback):
 def _trainable(spec: ExperimentSpec, victims: list[Any], splits: Any,
                epochs_fn: Callable[..., Iterator[dict]] | None) -> Any:
     spec_dict = {k: getattr(spec, k) for k in ("defense", "dataset", "objective", "seed",
-                                               "max_epochs", "cpus_per_trial", "gpus_per_trial")}
+                                               "max_epochs", "cpus_per_trial", "gpus_per_trial",
+                                               "val_subsample")}
     kwargs: dict[str, Any] = {"victims": victims, "splits": splits, "spec_dict": spec_dict}
     if epochs_fn is not None:
         kwargs["epochs_fn"] = epochs_fn
