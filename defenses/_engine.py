@@ -310,3 +310,12 @@ def prepare(model: nn.Module, device: torch.device | str, precision: str) -> tor
     device = torch.device(device)
     prepare_model(model, device)
     return device
+
+
+def sgd_on_all(model: nn.Module, device: torch.device | str, precision: str, *, lr: float,
+               momentum: float, weight_decay: float
+               ) -> tuple[torch.device, list[nn.Parameter], torch.optim.SGD]:
+    """The whole-model defenses' setup: prepare, train every parameter, SGD over them."""
+    dev = prepare(model, device, precision)
+    params = select_trainable(model, "all")
+    return dev, params, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -164,9 +164,8 @@ def run(
     precision: str = "auto",
 ) -> Iterator[E.EpochResult]:
     """FT-SAM on all of ``model`` in place; yield after each epoch."""
-    dev = E.prepare(model, device, precision)
-    params = E.select_trainable(model, "all")
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    dev, params, opt = E.sgd_on_all(model, device, precision, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
     yield from E.fit(
         model, clean, info, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, device=dev,
         optimizer=opt, lr_at=lr_schedule(cfg),

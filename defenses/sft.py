@@ -39,11 +39,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-
 from defenses import _engine as E
+from defenses.ft import ft_step
 from zoo.data import DatasetInfo, Split
-from zoo.runtime import autocast
 
 NAME = "sft"
 
@@ -92,15 +90,8 @@ def sft_lr(t: int, total: int, cfg: Config) -> float:
     return cfg.lr_base + (peak - cfg.lr_base) * rise
 
 
-def sft_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             precision: str) -> torch.Tensor:
-    """One plain SGD step on CE; the schedule set the lr."""
-    with autocast(x.device, precision):
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+# The step itself is vanilla FT's (one SGD step on CE); SFT differs only in the schedule above.
+sft_step = ft_step
 
 
 # ============================================ PLUMBING =======================================
@@ -117,10 +108,8 @@ def run(
     precision: str = "auto",
 ) -> Iterator[E.EpochResult]:
     """Super-fine-tune all of ``model`` in place; yield after each epoch."""
-    dev = E.prepare(model, device, precision)
-    params = E.select_trainable(model, "all")
-    opt = torch.optim.SGD(params, lr=cfg.lr_base, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    dev, _, opt = E.sgd_on_all(model, device, precision, lr=cfg.lr_base, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
     yield from E.fit(
         model, clean, info, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, device=dev,
         optimizer=opt,
