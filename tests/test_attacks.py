@@ -106,6 +106,18 @@ def test_sig_formula() -> None:
     assert make_attack("sig", RGB).apply(torch.full_like(x, 250)).max() == 255  # clipped
 
 
+def test_sig_test_delta_strengthens_only_the_test_trigger() -> None:
+    x = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    attack = make_attack("sig", RGB, test_delta=80)
+    assert torch.equal(attack.apply(x), make_attack("sig", RGB).apply(x))  # training signal: delta 40
+    test = attack.triggered(Split(x, torch.tensor([1, 2]))).x
+    j = 1
+    assert int(test[0, 0, 0, j]) == int(100 + 80 * math.sin(2 * math.pi * j * 6 / 32))
+    again = restore_attack(RGB, attack.params(), attack.state())
+    assert again.test_delta == 80 and torch.equal(again.triggered(Split(x, torch.tensor([1, 2]))).x, test)
+    assert make_attack("sig", RGB).test_delta == 40  # BackdoorBench: the same signal at test
+
+
 def test_wanet_with_zero_strength_is_nearly_identity() -> None:
     x = _split(GREY, 20).x
     out = make_attack("wanet", GREY, s=0.0).apply(x)

@@ -175,3 +175,12 @@ def test_cli_report_rerenders_and_reports_bad_dir(run_dir: Path, tmp_path_factor
     out = subprocess.run([sys.executable, "-m", "tuner", "report", str(bad)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a directory" in out.stderr
+
+
+def test_poison_rate_row_names_the_attacks_off_the_default() -> None:
+    from tuner.report import _rates
+
+    assert _rates({"poison_rate": 0.05}) == "0.05"
+    assert _rates({"poison_rate": None, "poison_rates": {"none": None, "badnets": 0.1, "blended": 0.1,
+                                                          "sig": 0.08}}) == "0.1 (sig 0.08)"
+    assert _rates({}) == "n/a"

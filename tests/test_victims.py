@@ -77,6 +77,15 @@ def test_bad_input_fails_before_anything_is_built(tmp_path, splits, attacks, kw,
     assert not (tmp_path / "zoo").exists() or not any((tmp_path / "zoo").iterdir())
 
 
+def test_dataset_defaults_give_sig_its_digits_rate_unless_the_user_sets_one() -> None:
+    spec = ZooSpec("digits")
+    assert spec.rate_for("badnets") == 0.1 and spec.rate_for("sig") == 0.08
+    assert spec.attack_params_for("sig") == {"test_delta": 80.0}
+    assert ZooSpec("cifar10").rate_for("sig") == 0.1 and ZooSpec("cifar10").attack_params_for("sig") == {}
+    mine = ZooSpec("digits", poison_rate=0.05, attack_params={"sig": {"test_delta": 60.0}})
+    assert mine.rate_for("sig") == 0.05 and mine.attack_params_for("sig") == {"test_delta": 60.0}
+
+
 def test_default_recipes_are_documented_backdoorbench_values() -> None:
     r = default_recipe("cifar10", "preact-resnet18")
     assert (r.epochs, r.batch_size, r.lr, r.momentum, r.weight_decay) == (100, 128, 0.01, 0.9, 5e-4)

@@ -21,8 +21,9 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", type=Path, default=None,
                    help="folder holding the dataset files (not needed for digits)")
     g.add_argument("--arch", default="cnn", help="victim model: cnn (default) or preact-resnet18")
-    g.add_argument("--poison-rate", type=float, default=0.1,
-                   help="share of the training set the attacker poisons, in (0, 1) (default 0.1)")
+    g.add_argument("--poison-rate", type=float, default=None,
+                   help="share of the training set the attacker poisons, in (0, 1) (default 0.1; "
+                        "on digits sig uses 0.08, see the README)")
     g.add_argument("--clean-ratio", type=float, default=None,
                    help="defender's clean share of the training set (default: per dataset, "
                         "0.1 for digits, 0.05 elsewhere)")
@@ -48,7 +49,7 @@ def check_common(args: argparse.Namespace, attack_lists: tuple[str, ...] = ("att
         raise UsageError(f"unknown dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
     if args.arch not in ARCHS:
         raise UsageError(f"unknown model {args.arch!r}: expected one of {', '.join(ARCHS)}")
-    if not 0.0 < args.poison_rate < 1.0:
+    if args.poison_rate is not None and not 0.0 < args.poison_rate < 1.0:
         raise UsageError(f"--poison-rate {args.poison_rate}: expected a number in (0, 1)")
     if args.clean_ratio is not None and not 0.0 < args.clean_ratio <= 1.0:
         raise UsageError(f"--clean-ratio {args.clean_ratio}: expected a number in (0, 1]")

@@ -33,6 +33,7 @@ def _row(v: Any) -> dict[str, Any]:
     test, val = v.metrics["test"], v.metrics["val"]
     return {
         "attack": v.attack, "dataset": v.dataset, "arch": v.arch, "target": v.target,
+        "poison_rate": v.poison_rate,
         "acc": test.acc, "asr": test.asr, "ra": test.ra,
         "val_acc": val.acc, "val_asr": val.asr, "val_ra": val.ra,
         "built": v.built, "seconds": round(v.seconds, 3), "train_seconds": round(v.train_seconds, 3),
@@ -40,13 +41,17 @@ def _row(v: Any) -> dict[str, Any]:
     }
 
 
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:g}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'attack':<9} {'val ACC':>7} {'val ASR':>7} {'val RA':>7}  "
+    head = (f"{'attack':<10} {'rate':>5} {'val ACC':>7} {'val ASR':>7} {'val RA':>7}  "
             f"{'ACC':>6} {'ASR':>6} {'RA':>6} {'seconds':>8}  status")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['attack']:<9} {r['val_acc']:7.2f} {r['val_asr']:7.2f} {r['val_ra']:7.2f}  "
+            f"{r['attack']:<10} {_rate(r['poison_rate']):>5} {r['val_acc']:7.2f} {r['val_asr']:7.2f} {r['val_ra']:7.2f}  "
             f"{r['acc']:6.2f} {r['asr']:6.2f} {r['ra']:6.2f} {r['seconds']:8.3f}  "
             f"{'built' if r['built'] else 'loaded'}"
         )
@@ -72,8 +77,8 @@ def main(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(f"{args.dataset} / {args.arch}, poison rate {args.poison_rate}, target 0 "
-              "(metrics in %, ACC/ASR/RA on test)")
+        print(f"{args.dataset} / {args.arch}, target 0 (metrics in %, ACC/ASR/RA on test; "
+              "rate = poison rate)")
         print(_table(rows))
         print(f"total {time.perf_counter() - start:.1f} s")
     return 0

@@ -208,6 +208,8 @@ def collect(run_dir: str | Path) -> ReportData:
         raise UsageError(f"{root / 'trials.json'}: expected a list of trials")
     trials = [_trial(t, root / "trials.json") for t in trials_raw]
     final = raw["final.json"] or {}
+    if isinstance(final.get("poison_rates"), dict):
+        spec = {**spec, "poison_rates": final["poison_rates"]}
     objective = str(spec.get("objective", "mean"))
     attacks = list(spec.get("attacks", []))
     best = _result(final.get("best"), attacks, objective) or _best_from_trials(trials, objective)
@@ -331,6 +333,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _rates(s: dict[str, Any]) -> str:
+    """The poison rate: the user's, or the default with the attacks whose rate differs from it."""
+    if s.get("poison_rate") is not None:
+        return _fmt(s["poison_rate"])
+    rates = {a: r for a, r in (s.get("poison_rates") or {}).items() if r is not None}
+    common = max(set(rates.values()), key=list(rates.values()).count, default=None)
+    if common is None:
+        return "n/a"
+    other = ", ".join(f"{a} {r:g}" for a, r in rates.items() if r != common)
+    return f"{common:g}" + (f" ({other})" if other else "")
+
+
 def _md_search(d: ReportData) -> list[str]:
     s = d.spec
     sampler = s.get("sampler") or "TPE (Optuna, through Ray Tune's OptunaSearch)"
@@ -338,7 +352,7 @@ def _md_search(d: ReportData) -> list[str]:
         ["defense", str(s.get("defense"))], ["dataset", str(s.get("dataset"))],
         ["model", str(s.get("arch"))], ["search attacks", ", ".join(d.attacks) or "n/a"],
         ["held-out attacks", ", ".join(d.holdout) or "none"],
-        ["poison rate", _fmt(s.get("poison_rate"))], ["sampler", str(sampler)],
+        ["poison rate", _rates(s)], ["sampler", str(sampler)],
         ["seed", str(s.get("seed", "n/a"))], ["scheduler", str(s.get("scheduler", "n/a"))],
         ["max epochs per trial", str(s.get("max_epochs") or "the defense's own")],
         ["trials", str(len(d.trials))], ["failed trials", str(d.failed)],

@@ -250,6 +250,7 @@ def _final(spec: ExperimentSpec, best: dict[str, Any] | None, default: dict[str,
         "default": {"params": searched_params(spec, default), "val_score": val_default,
                     "seeds": default_runs},
         "no_defense": {"per_attack": {v.attack: v.metrics["test"].as_dict() for v in victims}},
+        "poison_rates": {v.attack: v.poison_rate for v in victims},
         "best": None,
     }
     if best is not None:

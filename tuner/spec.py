@@ -65,7 +65,7 @@ class ExperimentSpec:
     arch: str = "cnn"
     attacks: tuple[str, ...] = SEARCH_ATTACKS
     holdout_attacks: tuple[str, ...] = ()
-    poison_rate: float = 0.1
+    poison_rate: float | None = None  # None: 0.1, or the zoo's per-attack default on the dataset
     clean_ratio: float | None = None
     blend_image: Path | None = None
     objective: str = "mean"
@@ -121,7 +121,7 @@ class ExperimentSpec:
         if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
             raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
                              "number > 0")
-        if not 0.0 < self.poison_rate < 1.0:
+        if self.poison_rate is not None and not 0.0 < self.poison_rate < 1.0:
             raise UsageError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
         if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
             raise UsageError(f"--clean-ratio {self.clean_ratio}: expected a number in (0, 1]")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from zoo.attacks import ATTACKS, Attack, make_attack, restore_attack
+from zoo.attacks import ATTACKS, DEFAULT_POISON_RATE, Attack, dataset_defaults, make_attack, restore_attack
 from zoo.data import DATASETS, DatasetInfo, Split, Splits, load_splits
 from zoo.metrics import Metrics, evaluate
 from zoo.models import ARCHS, Classifier, build_model
@@ -38,7 +38,8 @@ class ZooSpec:
 
     dataset: str
     arch: str = "cnn"
-    poison_rate: float = 0.1
+    # None: DEFAULT_POISON_RATE, or the attack's documented default on this dataset (rate_for).
+    poison_rate: float | None = None
     seed: int = 0
     data_root: str | Path | None = None
     zoo_dir: str | Path | None = None
@@ -49,6 +50,19 @@ class ZooSpec:
 
     def training_recipe(self) -> Recipe:
         return self.recipe or default_recipe(self.dataset, self.arch)
+
+    def rate_for(self, attack: str) -> float:
+        """The poison rate of ``attack``: the user's, else the zoo's default on this dataset."""
+        if self.poison_rate is not None:
+            return self.poison_rate
+        return float(dataset_defaults(self.dataset, attack).get("poison_rate", DEFAULT_POISON_RATE))
+
+    def attack_params_for(self, attack: str) -> dict[str, Any]:
+        """Constructor parameters of ``attack``: the dataset's defaults, then the user's."""
+        params = dataset_defaults(self.dataset, attack)
+        params.pop("poison_rate", None)
+        params.update((self.attack_params or {}).get(attack, {}))
+        return params
 
 
 @dataclass
@@ -69,6 +83,7 @@ class Victim:
     seconds: float  # build time (training + evaluation) if built, load time if loaded
     built: bool
     train_seconds: float = 0.0  # training time recorded when the victim was built
+    poison_rate: float | None = None  # None for the clean model
 
     def model(self, device: torch.device | str = "cpu") -> Classifier:
         """A fresh model with the victim's weights, on ``device`` (left in train mode)."""
@@ -92,7 +107,7 @@ def _check_spec(spec: ZooSpec, attacks: list[str]) -> None:
     for name in attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}: expected any of {', '.join(ATTACKS)}")
-    if not 0.0 < spec.poison_rate < 1.0:
+    if spec.poison_rate is not None and not 0.0 < spec.poison_rate < 1.0:
         raise ValueError(f"poison rate {spec.poison_rate}: expected a number in (0, 1)")
 
 
@@ -104,14 +119,14 @@ def prepare_attacks(spec: ZooSpec, attacks: list[str], splits: Splits) -> dict[s
     _check_spec(spec, attacks)
     out: dict[str, Attack] = {}
     for name in dict.fromkeys(attacks):
-        extra: dict[str, Any] = dict((spec.attack_params or {}).get(name, {}))
+        extra = spec.attack_params_for(name)
         if name == "blended" and spec.blend_image is not None:
             extra["image"] = spec.blend_image
         attack = make_attack(name, splits.info, seed=spec.seed, **extra)
         if attack.needs_clean_model:  # the clean model's key enters this victim's key
             attack.clean_model = _clean_key(spec, splits.info)
         try:
-            attack.check(splits.train, spec.poison_rate)
+            attack.check(splits.train, spec.rate_for(name))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         out[name] = attack
@@ -127,7 +142,7 @@ def victim_description(spec: ZooSpec, attack: Attack) -> dict[str, Any]:
         "arch": spec.arch,
         "attack": attack.name,
         "attack_params": attack.params(),
-        "poison_rate": None if attack.name == "none" else spec.poison_rate,
+        "poison_rate": None if attack.name == "none" else spec.rate_for(attack.name),
         "recipe": asdict(spec.training_recipe()),
     }
 
@@ -169,7 +184,8 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     start = time.perf_counter()
     prepare_s = _prepare(spec, attack, splits, device, progress)
     recipe = spec.training_recipe()
-    state, train_s = train_victim(attack, splits, spec.arch, poison_rate=spec.poison_rate, recipe=recipe,
+    rate = spec.rate_for(attack.name)
+    state, train_s = train_victim(attack, splits, spec.arch, poison_rate=rate, recipe=recipe,
                                   seed=spec.seed, device=device, progress=progress)
     model = build_model(spec.arch, splits.info)
     model.load_state_dict(state)
@@ -184,7 +200,7 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
         "dataset": spec.dataset,
         "arch": spec.arch,
         "split_seed": spec.seed,
-        "poison_rate": spec.poison_rate,
+        "poison_rate": rate,
         "recipe": asdict(recipe),
         "metrics": metrics,
         "train_seconds": train_s,
@@ -213,6 +229,7 @@ def _victim(spec: ZooSpec, info: DatasetInfo, splits: Splits, entry: Any, second
         seconds=seconds,
         built=built,
         train_seconds=float(meta.get("train_seconds", 0.0)),
+        poison_rate=None if attack.name == "none" else meta.get("poison_rate"),
     )
 
 

@@ -28,7 +28,19 @@ from zoo.attacks.trojannn import TrojanNN
 from zoo.attacks.wanet import WaNet
 from zoo.data import DatasetInfo
 
-__all__ = ["ATTACKS", "Attack", "make_attack", "restore_attack"]
+__all__ = ["ATTACKS", "Attack", "DATASET_DEFAULTS", "DEFAULT_POISON_RATE", "dataset_defaults", "make_attack",
+           "restore_attack"]
+
+DEFAULT_POISON_RATE = 0.1
+
+# Where the literature's defaults (tuned for 32x32 CIFAR-10 with 5,000 images per class) do not
+# carry over to a dataset, the zoo's documented defaults for it: attack parameters, plus
+# ``poison_rate``, used unless the user gives --poison-rate. Each attack's module says why.
+DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "digits": {
+        "sig": {"poison_rate": 0.08, "test_delta": 80.0},
+    },
+}
 
 ATTACKS: dict[str, type[Attack]] = {
     "none": NoAttack,
@@ -49,6 +61,11 @@ def _lookup(name: str) -> type[Attack]:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}: expected one of {', '.join(ATTACKS)}")
     return ATTACKS[name]
+
+
+def dataset_defaults(dataset: str, name: str) -> dict[str, Any]:
+    """The zoo's defaults for attack ``name`` on ``dataset`` (a copy; may hold ``poison_rate``)."""
+    return dict(DATASET_DEFAULTS.get(dataset, {}).get(name, {}))
 
 
 def make_attack(name: str, info: DatasetInfo, *, target: int = 0, seed: int = 0, **params: Any) -> Attack:

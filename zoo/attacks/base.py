@@ -201,10 +201,14 @@ class Attack(ABC):
             y[dev_idx] = self.target
         return Split(x, y)
 
+    def apply_test(self, x: torch.Tensor) -> torch.Tensor:
+        """The trigger at test time; the training trigger unless the attack says otherwise (SIG)."""
+        return self.apply(x)
+
     def triggered(self, split: Split) -> Split:
         """Every non-target image of ``split``, triggered, with its TRUE label."""
         keep = split.y != self.target
-        return Split(self.apply(split.x[keep]), split.y[keep])
+        return Split(self.apply_test(split.x[keep]), split.y[keep])
 
     def _check_images(self, x: torch.Tensor) -> None:
         i = self.info
