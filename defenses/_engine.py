@@ -34,7 +34,7 @@ from torch import nn
 
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader, augment, normalize
-from zoo.runtime import PRECISIONS, prepare_model
+from zoo.runtime import PRECISIONS, prepare_model, to_device_layout
 
 __all__ = [
     "ConfigError",
@@ -245,8 +245,7 @@ def _with_replacement(
     for _ in range(steps):
         idx = torch.randint(0, n, (batch_size,), generator=gen, device=split.x.device)
         x = normalize(augment(split.x[idx], info, gen), info)
-        if split.x.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_device_layout(x)
         yield x, split.y[idx]
 
 

@@ -83,7 +83,7 @@ def test_max_epochs_caps_the_config(splits, victims) -> None:
 
 def _diverging_run(bad_attack_model_ids: set[int], real: defenses.Defense):
 
-    def run(model, clean, info, cfg, *, seed, device):
+    def run(model, clean, info, cfg, *, seed, device, precision="auto"):
         for epoch in range(1, cfg.epochs + 1):
             if id(model) in bad_attack_model_ids and epoch == 2:
                 yield EpochResult(epoch, float("nan"), cfg.lr, True)

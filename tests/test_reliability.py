@@ -455,7 +455,7 @@ def test_random_flag_values_are_accepted_or_refused_in_one_line(
     except UsageError as exc:
         assert "\n" not in str(exc) and flag in str(exc), str(exc)
         return
-    assert spec.num_samples >= 1 and spec.cpus_per_trial > 0 and 0 < spec.poison_rate < 1
+    assert spec.num_samples >= 1 and spec.cpus_per_trial > 0 and (spec.poison_rate is None or 0 < spec.poison_rate < 1)
     assert not (tmp_path / "runs").exists()
 
 

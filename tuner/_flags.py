@@ -33,6 +33,9 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--blend-image", type=Path, default=None,
                    help="image file for the Blended trigger (default: a seeded noise pattern)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): bf16 autocast where the hardware has native bf16 (CUDA, "
+                        "or a CPU with AMX/AVX512-BF16), fp32 elsewhere; fp32 or bf16 to force one")
 
 
 def parse_list(text: str) -> list[str]:

@@ -75,7 +75,8 @@ def _victims(args: argparse.Namespace) -> tuple[list[Any], Any]:
     splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
                          clean_ratio=args.clean_ratio)
     spec = ZooSpec(args.dataset, arch=args.arch, poison_rate=args.poison_rate, seed=args.seed,
-                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image)
+                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image,
+                   precision=args.precision)
     victims = get_victims(spec, list(args.attacks), splits=splits, device=args.device,
                           progress=not args.json)
     return victims, splits
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     params, cfg = _validate(args)
     victims, splits = _victims(args)
     result = run_config(args.defense, params, victims, splits, seed=args.seed,
-                        device=args.device, split="test")
+                        device=args.device, split="test", precision=args.precision)
     if args.json:
         per_attack = {a: {"before": {k: r["before"][k] for k in ("acc", "asr", "ra")},
                           "after": r["after"], "seconds": r["seconds"]} for a, r in result.items()}

@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     from zoo.victims import ZooSpec, get_victims, prepare_attacks
 
     spec = ZooSpec(dataset=args.dataset, arch=args.arch, poison_rate=args.poison_rate, seed=args.seed,
-                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image)
+                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image,
+                   precision=args.precision)
     splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed, clean_ratio=args.clean_ratio)
     try:
         prepare_attacks(spec, list(args.attacks), splits)

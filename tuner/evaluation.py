@@ -37,21 +37,22 @@ def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str 
 
 
 def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, info: Any,
-             split: str, device: torch.device) -> dict[str, float]:
+             split: str, device: torch.device, precision: str) -> dict[str, float]:
     from zoo.metrics import der, evaluate
 
-    after = evaluate(model, clean, triggered, victim.target, info, device=device)
+    after = evaluate(model, clean, triggered, victim.target, info, device=device, precision=precision)
     out = after.as_dict()
     out["der"] = der(victim.metrics[split], after)
     return out
 
 
 def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
-           device: torch.device) -> tuple[torch.nn.Module, Iterator[Any]]:
+           device: torch.device, precision: str) -> tuple[torch.nn.Module, Iterator[Any]]:
     from defenses import get_defense
 
     model = victim.model(device)
-    run = get_defense(defense).run(model, splits.clean, splits.info, cfg, seed=seed, device=device)
+    run = get_defense(defense).run(model, splits.clean, splits.info, cfg, seed=seed, device=device,
+                                   precision=precision)
     return model, iter(run)
 
 
@@ -84,7 +85,8 @@ def _val_sets(victims: Sequence[Any], splits: Any, device: torch.device, k: int 
 def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
                  splits: Any, *, seed: int, device: torch.device,
                  max_epochs: int | None = None,
-                 val_subsample: int | None = None) -> Iterator[dict[str, Any]]:
+                 val_subsample: int | None = None,
+                 precision: str = "auto") -> Iterator[dict[str, Any]]:
     """Yield, after every epoch, the per-attack metrics on val.
 
     Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
@@ -96,7 +98,7 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
     clean and ``n`` triggered val images (see the module docstring); the last uses all of val.
     """
     cfg = resolve_config(defense, params, splits.info.name, max_epochs)
-    runs = {v.attack: _start(defense, cfg, v, splits, seed, device) for v in victims}
+    runs = {v.attack: _start(defense, cfg, v, splits, seed, device, precision) for v in victims}
     by_attack = {v.attack: v for v in victims}
     full, sub = _val_sets(victims, splits, device, val_subsample, seed)
     state: dict[str, str] = {a: "running" for a in runs}  # running | done | diverged
@@ -120,7 +122,7 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
             losses.append(float(result.loss))
             v = by_attack[attack]
             clean, triggered = val[attack]
-            last[attack] = _measure(model, v, clean, triggered, splits.info, "val", device)
+            last[attack] = _measure(model, v, clean, triggered, splits.info, "val", device, precision)
         if not advanced:
             return
         item = _item(epoch, runs, last, state, losses)
@@ -144,7 +146,7 @@ def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, floa
 
 def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
                splits: Any, *, seed: int, device: torch.device,
-               split: str = "test") -> dict[str, dict[str, Any]]:
+               split: str = "test", precision: str = "auto") -> dict[str, dict[str, Any]]:
     """Run the configuration to the end on every victim; measure on ``split`` ("test"/"val").
 
     Returns ``{attack: {"before": {acc, asr, ra}, "after": {acc, asr, ra, der},
@@ -157,7 +159,7 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
     out: dict[str, dict[str, Any]] = {}
     for v in victims:
         start = time.perf_counter()
-        model, gen = _start(defense, cfg, v, splits, seed, device)
+        model, gen = _start(defense, cfg, v, splits, seed, device, precision)
         diverged, epochs = False, 0
         for result in gen:
             epochs = int(result.epoch)
@@ -167,7 +169,7 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
         seconds = time.perf_counter() - start
         triggered = v.bd_test if split == "test" else v.bd_val
         after = (dict(DIVERGED_METRICS) if diverged
-                 else _measure(model, v, clean, triggered, splits.info, split, device))
+                 else _measure(model, v, clean, triggered, splits.info, split, device, precision))
         out[v.attack] = {"before": v.metrics[split].as_dict(), "after": after,
                          "seconds": seconds, "diverged": diverged, "epochs": epochs}
     return out

@@ -73,7 +73,7 @@ def _load_victims(spec: ExperimentSpec) -> tuple[Any, list[Any], list[Any], floa
                          clean_ratio=spec.clean_ratio)
     zoo = ZooSpec(dataset=spec.dataset, arch=spec.arch, poison_rate=spec.poison_rate,
                   seed=spec.seed, data_root=spec.data_root, zoo_dir=spec.zoo_dir,
-                  blend_image=spec.blend_image, recipe=_smoke_recipe(spec))
+                  blend_image=spec.blend_image, recipe=_smoke_recipe(spec), precision=spec.precision)
     names = [*spec.attacks, *spec.holdout_attacks]
     print(f"victims: {', '.join(names)} ({spec.dataset}, {spec.arch})", flush=True)
     victims = get_victims(zoo, names, splits=splits, device=spec.device, progress=True)
@@ -128,7 +128,7 @@ def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list
     seeds = range(spec.seed, spec.seed + spec.final_seeds)
     with _torch_threads(os.cpu_count() or 1):
         return [run_config(spec.defense, params, victims, splits, seed=s, device=device,
-                           split="test") for s in seeds]
+                           split="test", precision=spec.precision) for s in seeds]
 
 
 def _distribution_for(dist: Any, value: Any) -> Any | None:

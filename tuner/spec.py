@@ -74,6 +74,7 @@ class ExperimentSpec:
     scheduler: str = "asha"
     max_epochs: int | None = None  # None: the defense's own epochs
     val_subsample: int | None = None  # images per val set before the last epoch; None: full val
+    precision: str = "auto"  # zoo.runtime: auto | fp32 | bf16
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
     address: str | None = None  # None: a local Ray that starts and stops with the run
@@ -329,7 +330,7 @@ def from_args(args: argparse.Namespace) -> ExperimentSpec:
         cpus_per_trial=args.cpus_per_trial, address=address, output=args.output,
         name=name or "", resume=args.resume, seed=args.seed,
         final_seeds=_resolve(args, "final_seeds", smoke), space=_given(args, "space"),
-        zoo_dir=args.zoo_dir, smoke_test=smoke, device=device,
+        zoo_dir=args.zoo_dir, smoke_test=smoke, device=device, precision=args.precision,
     )
     if spec.resume and not name:
         raise UsageError("--resume needs --name: the name of the run to continue")

@@ -187,7 +187,9 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
     faults = parse_fault(os.environ.get(FAULT_ENV, ""))
     # Only passed when set, so a test's epochs_fn need not know the keyword.
     subsample = spec_dict.get("val_subsample")
-    extra_kw = {"val_subsample": subsample} if subsample else {}
+    extra_kw: dict[str, Any] = {"val_subsample": subsample} if subsample else {}
+    if spec_dict.get("precision", "auto") != "auto":
+        extra_kw["precision"] = spec_dict["precision"]
     for item in epochs_fn(spec_dict["defense"], params, victims, splits, seed=spec_dict["seed"],
                           device=device, max_epochs=spec_dict["max_epochs"], **extra_kw):
         _inject(faults, int(item["epoch"]))
@@ -311,7 +313,7 @@ def _trainable(spec: ExperimentSpec, victims: list[Any], splits: Any,
                epochs_fn: Callable[..., Iterator[dict]] | None) -> Any:
     spec_dict = {k: getattr(spec, k) for k in ("defense", "dataset", "objective", "seed",
                                                "max_epochs", "cpus_per_trial", "gpus_per_trial",
-                                               "val_subsample")}
+                                               "val_subsample", "precision")}
     kwargs: dict[str, Any] = {"victims": victims, "splits": splits, "spec_dict": spec_dict}
     if epochs_fn is not None:
         kwargs["epochs_fn"] = epochs_fn

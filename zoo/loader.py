@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from zoo.data import DatasetInfo, Split
+from zoo.runtime import to_device_layout
 
 __all__ = ["DeviceLoader", "augment", "normalize"]
 
@@ -69,7 +70,6 @@ class DeviceLoader:
         self.device = device
         self.train = train
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.channels_last = device.type == "cuda"
 
     def __len__(self) -> int:
         n = len(self.split)
@@ -91,6 +91,5 @@ class DeviceLoader:
             if self.train:
                 x = augment(x, self.info, self.generator)
             x = normalize(x, self.info)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_device_layout(x)
             yield x, self.split.y[idx]

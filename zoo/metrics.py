@@ -15,7 +15,7 @@ import torch
 
 from zoo.data import DatasetInfo, Split
 from zoo.loader import normalize
-from zoo.runtime import Precision, autocast
+from zoo.runtime import Precision, autocast, to_device_layout
 
 __all__ = ["Metrics", "der", "evaluate", "predict"]
 
@@ -46,8 +46,7 @@ def predict(
     out = []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i : i + batch_size].to(device, non_blocking=True), info)
-        if device.type == "cuda":
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb = to_device_layout(xb)
         with autocast(device, precision):
             out.append(model(xb).argmax(1))
     model.train(was_training)

@@ -4,7 +4,8 @@ Per epoch the attack hands over its poisoned training set (the same one every ep
 attacks, a fresh subset for WaNet); :class:`zoo.loader.DeviceLoader` shuffles, augments (random
 crop, flip where allowed) and normalizes it on the device; SGD with momentum and weight decay,
 cross-entropy, a cosine learning-rate schedule stepped per epoch (BackdoorBench's recipe,
-specs/attacks.md section 2). bf16 autocast on CUDA through :func:`zoo.runtime.autocast`.
+specs/attacks.md section 2). bf16 autocast where the hardware has it (``precision="auto"``,
+:func:`zoo.runtime.autocast`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from zoo.attacks.base import Attack
 from zoo.data import Split, Splits
 from zoo.loader import DeviceLoader
 from zoo.models import build_model
-from zoo.runtime import autocast, prepare_model, seed_everything
+from zoo.runtime import Precision, autocast, prepare_model, seed_everything
 
 __all__ = ["Recipe", "default_recipe", "train_victim"]
 
@@ -100,12 +101,13 @@ class _Progress:
         self.stream.flush()
 
 
-def _epoch(model: nn.Module, loader: DeviceLoader, opt: torch.optim.Optimizer, device: torch.device) -> float:
+def _epoch(model: nn.Module, loader: DeviceLoader, opt: torch.optim.Optimizer, device: torch.device,
+           precision: Precision = "auto") -> float:
     """One pass; returns the mean loss (one host sync per epoch)."""
     model.train()
     total = torch.zeros((), device=device)
     for x, y in loader:
-        with autocast(device):
+        with autocast(device, precision):
             loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,6 +126,7 @@ def train_victim(
     seed: int,
     device: torch.device,
     progress: bool = True,
+    precision: Precision = "auto",
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train ``arch`` on ``attack``'s poisoned training set; returns (CPU state_dict, seconds)."""
     start = time.perf_counter()
@@ -147,7 +150,7 @@ def train_victim(
             group["lr"] = recipe.lr_at(epoch)
         loader = DeviceLoader(data, info, batch_size=recipe.batch_size, device=device,
                               seed=seed * 100_003 + epoch)
-        loss = _epoch(model, loader, opt, device)
+        loss = _epoch(model, loader, opt, device, precision)
         if not math.isfinite(loss):
             raise RuntimeError(f"{attack.name} victim diverged at epoch {epoch + 1} (loss {loss}): expected a lower lr")
         bar.update(epoch + 1, loss)

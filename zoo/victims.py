@@ -47,6 +47,16 @@ class ZooSpec:
     recipe: Recipe | None = None
     # Per-attack parameter overrides, e.g. {"ssba": {"steps": 50}}; they enter params() and the key.
     attack_params: dict[str, dict[str, Any]] | None = field(default=None, hash=False)
+    # How victims are trained and measured (zoo.runtime); not part of what determines a victim.
+    # "auto" here is bf16 on CUDA and fp32 on CPU (victim_precision).
+    precision: str = field(default="auto", compare=False)
+
+    def victim_precision(self, device: torch.device) -> str:
+        """Victims train in fp32 on CPU, so a store's victims do not depend on the CPU's bf16
+        support (the defenses' trials use bf16 where the CPU has it); bf16 on CUDA."""
+        if self.precision == "auto" and device.type == "cpu":
+            return "fp32"
+        return self.precision
 
     def training_recipe(self) -> Recipe:
         return self.recipe or default_recipe(self.dataset, self.arch)
@@ -186,12 +196,14 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     recipe = spec.training_recipe()
     rate = spec.rate_for(attack.name)
     state, train_s = train_victim(attack, splits, spec.arch, poison_rate=rate, recipe=recipe,
-                                  seed=spec.seed, device=device, progress=progress)
+                                  seed=spec.seed, device=device, progress=progress,
+                                  precision=spec.victim_precision(device))
     model = build_model(spec.arch, splits.info)
     model.load_state_dict(state)
     model = prepare_model(model, device)
     metrics = {
-        name: evaluate(model, clean, attack.triggered(clean), attack.target, splits.info, device=device).as_dict()
+        name: evaluate(model, clean, attack.triggered(clean), attack.target, splits.info, device=device,
+                       precision=spec.victim_precision(device)).as_dict()
         for name, clean in (("val", splits.val), ("test", splits.test))
     }
     meta = {

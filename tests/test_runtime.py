@@ -1,0 +1,67 @@
+"""Device, precision and memory-layout choices (zoo.runtime), checked on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo import runtime
+from zoo.data import DatasetInfo
+from zoo.models import build_model
+from zoo.victims import ZooSpec
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    assert runtime.use_bf16(CPU, "auto") is native
+    assert runtime.use_bf16(CPU, "fp32") is False and runtime.use_bf16(CPU, "bf16") is True
+
+
+def test_unknown_precision_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"precision 'fp16': expected one of auto, fp32, bf16"):
+        runtime.use_bf16(CPU, "fp16")
+
+
+def test_native_bf16_probe_answers_a_bool() -> None:
+    assert isinstance(runtime.cpu_has_native_bf16(), bool)
+
+
+def test_autocast_runs_convolutions_in_bf16_when_asked() -> None:
+    conv = torch.nn.Conv2d(1, 2, 3)
+    x = torch.randn(1, 1, 5, 5)
+    with runtime.autocast(CPU, "bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    with runtime.autocast(CPU, "fp32"):
+        assert conv(x).dtype == torch.float32
+
+
+def test_models_and_batches_are_channels_last_with_the_same_outputs() -> None:
+    info = DatasetInfo("toy", 3, 32, 10, (0.5,) * 3, (0.5,) * 3, hflip=True, pad=4)
+    torch.manual_seed(0)
+    model = build_model("cnn", info).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        fast = runtime.prepare_model(model, CPU)
+        xb = runtime.to_device_layout(x)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert fast.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast(xb), before, rtol=1e-4, atol=1e-5)
+
+
+def test_victims_train_in_fp32_on_cpu_unless_asked() -> None:
+    assert ZooSpec("digits").victim_precision(CPU) == "fp32"
+    assert ZooSpec("digits", precision="bf16").victim_precision(CPU) == "bf16"
+    assert ZooSpec("digits").victim_precision(torch.device("cuda")) == "auto"
+    assert ZooSpec("digits", precision="bf16") == ZooSpec("digits")  # not part of the victim's identity
+
+
+def test_cnn_pools_after_its_first_convolution_only_above_16_pixels() -> None:
+    def pools(size: int) -> int:
+        info = DatasetInfo("toy", 1, size, 10, (0.5,), (0.5,), hflip=False, pad=2)
+        return sum(isinstance(m, torch.nn.MaxPool2d) for m in build_model("cnn", info).body)
+
+    assert pools(16) == 2 and pools(28) == 3 and pools(32) == 3
