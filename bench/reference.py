@@ -111,14 +111,15 @@ def run_reference(w: Workload, arch: str, *, epochs: int = 10, batch_size: int =
 
 def compare(w: Workload, arch: str, *, epochs: int = 10, workers: int = 2,
             seed: int = 0) -> dict[str, Any]:
-    """The reference loop and ours on the same victim, clean set and test sets, on CPU, fp32.
+    """The reference loop (fp32) and ours (the product's default precision, ``auto``: bf16 on a
+    CPU with native bf16) on the same victim, clean set and test sets, on CPU.
 
     Returns ``ours_seconds``, ``reference_seconds``, ``ratio`` (reference / ours), ``ours`` and
     ``reference`` (each ``{"acc", "asr"}``), the absolute ACC and ASR gaps and both runs.
     """
     cpu = torch.device("cpu")
     ref = run_reference(w, arch, epochs=epochs, workers=workers, seed=seed)
-    ours = run_ours(w, arch, cpu, precision="fp32", epochs=epochs, seed=seed)
+    ours = run_ours(w, arch, cpu, precision="auto", epochs=epochs, seed=seed)
     return {
         "ours_seconds": ours["seconds"], "reference_seconds": ref["seconds"],
         "ratio": ref["seconds"] / ours["seconds"],

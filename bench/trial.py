@@ -17,6 +17,7 @@ from bench._setup import Workload
 from defenses import get_defense, make_config
 from zoo.metrics import evaluate
 from zoo.models import build_model
+from zoo.runtime import use_bf16
 
 
 def sync(device: torch.device) -> None:
@@ -45,7 +46,9 @@ def run_ours(w: Workload, arch: str, device: torch.device, *, precision: str = "
     n = len(w.clean)  # DeviceLoader: full batches only, or one batch of a smaller split
     trained = epochs * max(1, n // cfg.batch_size) * min(cfg.batch_size, n)
     return {
-        "arch": arch, "device": str(device), "precision": precision, "epochs": epochs,
+        "arch": arch, "device": str(device), "epochs": epochs,
+        "precision": precision if precision != "auto" else
+        f"auto ({'bf16' if use_bf16(device, precision) else 'fp32'})",
         "seconds": t2 - t0, "train_seconds": t1 - t0, "eval_seconds": t2 - t1,
         "train_images_per_s": trained / (t1 - t0),
         "eval_images_per_s": (len(w.test) + len(w.triggered)) / (t2 - t1),

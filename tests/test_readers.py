@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _formats import write_cifar
 from zoo import readers
 from zoo.data import DataError, load_splits
 
@@ -137,30 +138,9 @@ def test_download_without_torchvision_says_so(
 # ---------------------------------------------------------------------------------------------
 
 
-def _cifar_batch(n: int, seed: int) -> dict[bytes, object]:
-    rng = np.random.default_rng(seed)
-    return {
-        b"batch_label": f"batch {seed}".encode(),
-        b"labels": [int(v) for v in rng.integers(0, 10, n)],
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-    }
-
-
-def _write_cifar(root: Path, n: int = 20, protocol: int = 2) -> dict[str, dict[bytes, object]]:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {f"data_batch_{i}": _cifar_batch(n, i) for i in range(1, 6)}
-    batches["test_batch"] = _cifar_batch(n, 99)
-    for name, batch in batches.items():
-        with (folder / name).open("wb") as f:
-            pickle.dump(batch, f, protocol=protocol)
-    return batches
-
-
 @pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL, 5])
 def test_cifar10_reads_batches_in_order(tmp_path: Path, protocol: int) -> None:
-    batches = _write_cifar(tmp_path, protocol=protocol)
+    batches = write_cifar(tmp_path, protocol=protocol)
     raw = readers.read_cifar10(tmp_path, False)
     assert raw.x_train.shape == (100, 3, 32, 32) and raw.x_train.dtype == np.uint8
     assert raw.y_train.dtype == np.int64 and raw.x_test.shape == (20, 3, 32, 32)
@@ -176,14 +156,14 @@ def test_cifar10_reads_batches_in_order(tmp_path: Path, protocol: int) -> None:
 
 
 def test_cifar10_through_load_splits(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, n=40)
+    write_cifar(tmp_path, n=40)
     s = load_splits("cifar10", data_root=tmp_path, clean_ratio=0.5)
     assert s.info.num_classes == 10 and tuple(s.train.x.shape) == (200, 3, 32, 32)
     assert len(s.val) + len(s.test) == 40 and s.train.y.dtype.is_floating_point is False
 
 
 def test_cifar10_missing_batch_is_named(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").unlink()
     with pytest.raises(DataError, match="missing data_batch_4 .*cifar-10-batches-py/ holding"):
         readers.read_cifar10(tmp_path, False)
@@ -197,7 +177,7 @@ def _replace_batch(root: Path, name: str, obj: object) -> None:
 
 
 def test_cifar10_wrong_shape_is_refused(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     bad = {b"data": np.zeros((20, 3000), np.uint8), b"labels": [0] * 20}
     _replace_batch(tmp_path, "data_batch_2", bad)
     with pytest.raises(
@@ -207,7 +187,7 @@ def test_cifar10_wrong_shape_is_refused(tmp_path: Path) -> None:
 
 
 def test_cifar10_missing_keys_and_bad_labels_are_refused(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     _replace_batch(tmp_path, "test_batch", {b"data": np.zeros((20, 3072), np.uint8)})
     with pytest.raises(DataError, match="test_batch lacks the keys"):
         readers.read_cifar10(tmp_path, False)
@@ -219,7 +199,7 @@ def test_cifar10_missing_keys_and_bad_labels_are_refused(tmp_path: Path) -> None
 
 
 def test_cifar10_truncated_pickle_is_refused(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(DataError, match="data_batch_1 is not a CIFAR pickle"):
@@ -237,7 +217,7 @@ class _Evil:
 
 
 def test_cifar10_pickle_with_code_is_refused_and_not_run(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     marker = tmp_path / "MARKER"
     evil = {b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 20, b"x": _Evil(marker)}
     _replace_batch(tmp_path, "data_batch_3", evil)
@@ -249,7 +229,7 @@ def test_cifar10_pickle_with_code_is_refused_and_not_run(tmp_path: Path) -> None
 
 
 def test_cifar10_codecs_other_than_latin1_are_refused(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     import codecs
 
     class Zipped:
@@ -440,7 +420,7 @@ def test_imagefolder_missing_train_and_download(tmp_path: Path) -> None:
 
 def test_cifar10_accepts_numpy1_global_names_as_in_the_official_files(tmp_path: Path) -> None:
     # The official batches (pickled by numpy 1.x) name numpy.core.multiarray._reconstruct.
-    batches = _write_cifar(tmp_path)
+    batches = write_cifar(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     data = path.read_bytes()
     assert b"numpy._core.multiarray\n_reconstruct" in data
