@@ -1,4 +1,4 @@
-"""Small dataset files in their published formats, shared by the reader and attack tests."""
+"""Small dataset files in their published formats, and tiny attack settings, shared by tests."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def write_cifar(root: Path, n: int = 20, protocol: int = 2, *,
         with (folder / name).open("wb") as f:
             pickle.dump(batch, f, protocol=protocol)
     return batches
+
+
+# Tiny auxiliary builds for the prepared attacks: a few steps each, so a test runs in seconds.
+SMALL_ATTACK_PARAMS: dict[str, dict[str, object]] = {
+    "lf": {"n_images": 8, "max_passes": 2, "max_iter": 10},
+    "lc": {"steps": 3, "at_epochs": 1},
+    "trojannn": {"steps": 5},
+    "inputaware": {"mask_epochs": 1, "width": 4},
+    "ssba": {"steps": 5, "width": 4, "bits": 8, "batch_size": 16},
+    "bpp": {},
+}

@@ -8,19 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _formats import write_cifar
+from _formats import SMALL_ATTACK_PARAMS, write_cifar
 from zoo.attacks import ATTACKS
 from zoo.data import load_splits
 from zoo.train import Recipe
 from zoo.victims import ZooSpec, get_victims
 
-TINY = {
-    "lf": {"n_images": 4, "max_passes": 1, "max_iter": 5},
-    "lc": {"steps": 2},
-    "trojannn": {"steps": 3},
-    "inputaware": {"mask_epochs": 1, "width": 4},
-    "ssba": {"steps": 3, "width": 4, "bits": 8, "batch_size": 16},
-}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +21,7 @@ def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp("cifar")
     write_cifar(root / "data", n=20, cycle_labels=True)
     spec = ZooSpec("cifar10", arch="preact-resnet18", data_root=root / "data", zoo_dir=root / "zoo",
-                   recipe=Recipe(epochs=1, batch_size=32, lr=0.01), attack_params=TINY)
+                   recipe=Recipe(epochs=1, batch_size=32, lr=0.01), attack_params=SMALL_ATTACK_PARAMS)
     return spec, load_splits("cifar10", data_root=root / "data", seed=0, clean_ratio=0.5)
 
 
@@ -46,5 +39,7 @@ def test_attack_builds_and_reloads_on_cifar_format_with_preact(cifar, name: str)
         assert all(0.0 <= v <= 100.0 for v in (m.acc, m.asr, m.ra))
     model = victim.model("cpu")
     assert model(splits.test.x[:2].float()).shape == (2, 10)
+    if victim.attack_obj.needs_clean_model:  # built from the clean model kept in the same store
+        assert victim.attack_obj.params()["clean_model"] in {p.name for p in spec.zoo_dir.iterdir()}
     (again,) = get_victims(spec, [name], splits=splits, device="cpu", progress=False)
     assert not again.built and torch.equal(again.bd_test.x, bd.x)

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from _formats import SMALL_ATTACK_PARAMS as SMALL
 from zoo.attacks import ATTACKS, make_attack, restore_attack
 from zoo.attacks.base import poison_count
 from zoo.attacks.lc import corner_pattern
-from zoo.data import Split, load_splits
+from zoo.data import load_splits
 from zoo.models import build_model
 from zoo.train import Recipe
 from zoo.victims import ZooSpec, get_victims, prepare_attacks, victim_description
@@ -26,15 +24,6 @@ from zoo.victims import ZooSpec, get_victims, prepare_attacks, victim_descriptio
 NEW = ["lf", "lc", "bpp", "trojannn", "inputaware", "ssba"]
 PREPARED = ["lf", "lc", "trojannn", "inputaware", "ssba"]
 TINY = Recipe(epochs=1, batch_size=64, lr=0.05)
-# Tiny auxiliary builds: a few steps each, so the whole file runs in seconds on a CPU.
-SMALL = {
-    "lf": {"n_images": 8, "max_passes": 2, "max_iter": 10},
-    "lc": {"steps": 3},
-    "trojannn": {"steps": 5},
-    "inputaware": {"mask_epochs": 1, "width": 4},
-    "ssba": {"steps": 5, "width": 4, "bits": 8, "batch_size": 16},
-    "bpp": {},
-}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +107,63 @@ def test_lc_is_clean_label_with_hardened_images(prepared, splits) -> None:
     assert float(diff.max()) <= 8 + 1
 
 
+def test_lc_robust_model_and_hardened_images_are_reproducible(splits) -> None:
+    torch.manual_seed(0)
+    clean = build_model("cnn", splits.info)
+    dev = torch.device("cpu")
+
+    def lc(**kw):
+        return make_attack("lc", splits.info, seed=1, **{**SMALL["lc"], **kw})
+
+    a, b = lc(), lc()
+    torch.manual_seed(123)  # the global RNG plays no part
+    a.prepare(splits, lambda: clean, dev, False)
+    b.prepare(splits, lambda: clean, dev, False)
+    assert torch.equal(a.adv_x, b.adv_x) and torch.equal(a.adv_idx, b.adv_idx) and torch.equal(a.stats, b.stats)
+    assert len(a.adv_idx) == int((splits.train.y == 0).sum()) and float(a.stats[2]) == 1.0
+    ra = lc().robust_model(splits, clean, dev)
+    rb = lc().robust_model(splits, clean, dev)
+    rc = lc(at_eps=16 / 255).robust_model(splits, clean, dev)
+    sa, sb, sc = ra.state_dict(), rb.state_dict(), rc.state_dict()
+    assert sa.keys() == clean.state_dict().keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["head.weight"], sc["head.weight"])
+    assert not torch.equal(sa["head.weight"], clean.state_dict()["head.weight"])  # re-initialized, trained
+    # other seed: another robust model; robust=False: hardened against the clean model itself
+    other = make_attack("lc", splits.info, seed=2, **SMALL["lc"]).robust_model(splits, clean, dev)
+    assert not torch.equal(other.state_dict()["head.weight"], sa["head.weight"])
+    plain = lc(robust=False)
+    plain.prepare(splits, lambda: clean, dev, False)
+    assert float(plain.stats[2]) == 0.0 and not torch.equal(plain.adv_x, a.adv_x)
+
+
+def test_lc_params_for_digits_and_bad_values(splits) -> None:
+    a = make_attack("lc", splits.info, eps=0.3, at_eps=32 / 255, patch=4)
+    assert a.params()["step"] == pytest.approx(0.3 * 1.5 / 8) and a.params()["at_eps"] == pytest.approx(32 / 255)
+    assert make_attack("lc", splits.info).step == pytest.approx(1.5 / 255)
+    assert int((a.corners != 0).sum()) == 4 * 16 and a.corners[4:-4].abs().sum() == 0  # 4 x 4 in each corner
+    for bad in ({"at_steps": 0}, {"at_epochs": -1}, {"at_lr": 0}, {"at_eps": 2.0}, {"at_batch_size": 0}):
+        with pytest.raises(ValueError, match="lc at_"):
+            make_attack("lc", splits.info, **bad)
+
+
+def test_lc_state_round_trips_through_the_store(tmp_path, splits) -> None:
+    spec = ZooSpec("digits", zoo_dir=tmp_path, recipe=TINY, poison_rate=0.08,
+                   attack_params={"lc": {**SMALL["lc"], "eps": 0.3, "at_eps": 32 / 255, "patch": 4}})
+    (built,) = get_victims(spec, ["lc"], splits=splits, device="cpu", progress=False)
+    (loaded,) = get_victims(spec, ["lc"], splits=splits, device="cpu", progress=False)
+    assert built.built and not loaded.built
+    a, b = built.attack_obj, loaded.attack_obj
+    assert b.params() == a.params() and b.params()["patch"] == 4 and b.params()["robust"] is True
+    for k in ("adv_x", "adv_idx", "stats"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    assert b.prepared and float(b.stats[2]) == 1.0 and len(b.adv_x) == int((splits.train.y == 0).sum())
+    assert torch.equal(a.training_set(splits.train, poison_rate=0.08, epoch=0, seed=0).x,
+                       b.training_set(splits.train, poison_rate=0.08, epoch=0, seed=0).x)
+    assert torch.equal(loaded.bd_test.x, built.bd_test.x)
+    assert b.describe() == a.describe()
+
+
 def test_lc_corner_layout_at_32() -> None:
     a = corner_pattern(32)
     assert a[:3, :3].tolist() == [[1, -1, -1], [-1, 1, -1], [1, -1, 1]]
@@ -198,35 +244,3 @@ def test_triggered_test_set_is_rebuilt_identically_in_another_process(tmp_path, 
     child = json.loads(out.stdout.strip().splitlines()[-1])
     for v in built:
         assert child[v.attack] == [False, _sha(v.bd_test.x)], v.attack
-
-
-# ---------------------------------------------------------------------------------------------
-# A tiny PreAct-ResNet18 flow on CIFAR-10-format data
-# ---------------------------------------------------------------------------------------------
-
-
-def _write_cifar(root: Path, n: int) -> None:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
-        rng = np.random.default_rng(i)
-        batch = {b"batch_label": name.encode(), b"labels": [int(v) for v in np.arange(n) % 10],
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"filenames": [f"{j}.png".encode() for j in range(n)]}
-        with (folder / name).open("wb") as f:
-            pickle.dump(batch, f, protocol=2)
-
-
-def test_preact_resnet18_flow_with_a_clean_model_attack(tmp_path) -> None:
-    _write_cifar(tmp_path / "data", n=20)
-    spec = ZooSpec("cifar10", arch="preact-resnet18", data_root=tmp_path / "data", zoo_dir=tmp_path / "zoo",
-                   recipe=Recipe(epochs=1, batch_size=32, lr=0.01), attack_params={"trojannn": {"steps": 3}})
-    splits = load_splits("cifar10", data_root=tmp_path / "data", seed=0, clean_ratio=0.5)
-    (victim,) = get_victims(spec, ["trojannn"], splits=splits, device="cpu", progress=False)
-    assert victim.built and victim.arch == "preact-resnet18"
-    assert victim.attack_obj.params()["clean_model"] in {p.name for p in (tmp_path / "zoo").iterdir()}
-    trig = victim.attack_obj.trigger
-    assert tuple(trig.shape) == (3, 32, 32) and int(trig[:, 17:29, 17:29].min()) > 0
-    (again,) = get_victims(spec, ["trojannn"], splits=splits, device="cpu", progress=False)
-    assert not again.built and torch.equal(again.bd_test.x, victim.bd_test.x)
-    assert isinstance(victim.bd_test, Split) and 0 <= victim.metrics["test"].asr <= 100
