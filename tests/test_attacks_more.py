@@ -244,3 +244,18 @@ def test_triggered_test_set_is_rebuilt_identically_in_another_process(tmp_path, 
     child = json.loads(out.stdout.strip().splitlines()[-1])
     for v in built:
         assert child[v.attack] == [False, _sha(v.bd_test.x)], v.attack
+
+
+def test_bpp_dithering_keeps_levels_and_local_brightness(splits) -> None:
+    from zoo.attacks.bpp import floyd_steinberg, squeeze
+
+    x = torch.full((2, 1, 16, 16), 100, dtype=torch.uint8)  # between the levels 72.9 and 109.3
+    plain, dithered = squeeze(x, 8), floyd_steinberg(x, 8)
+    levels = {round(k * 255 / 7, 3) for k in range(8)}
+    assert {round(float(v), 3) for v in dithered.unique()} <= levels
+    assert abs(float(plain.mean()) - 100) > 9 and abs(float(dithered.mean()) - 100) < 2
+    attack = make_attack("bpp", splits.info, dithering=True)
+    assert attack.params()["dithering"] is True
+    again = restore_attack(splits.info, attack.params(), attack.state())
+    assert torch.equal(again.apply(splits.test.x[:4]), attack.apply(splits.test.x[:4]))
+    assert not torch.equal(attack.apply(splits.test.x[:4]), make_attack("bpp", splits.info).apply(splits.test.x[:4]))
