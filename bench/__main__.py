@@ -77,7 +77,7 @@ def bench_trial(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     w = make_workload(args.arch, device=device, seed=args.seed, sizes=sizes,
                       victim_epochs=victim_epochs_of(args))
     rows = [run_ours(w, args.arch, device, precision=p, epochs=sizes.epochs, seed=args.seed)
-            for p in precisions(device)]
+            for p in (precisions(device) if args.precision == "both" else [args.precision])]
     print(table(rows, ["arch", "device", "precision", "epochs", "seconds", "train_images_per_s",
                        "eval_images_per_s", "acc", "asr"]))
     return {"bench": "trial", "sizes": vars(sizes), "runs": rows}
@@ -165,6 +165,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="fifo", choices=("fifo", "asha"))
     p.add_argument("--zoo-dir", default=None, help="where digits victims are stored")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--precision", default="both", choices=("both", "auto", "fp32", "bf16"),
+                   help="trial: the precisions to time (default both fp32 and bf16)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
