@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from test_readers import _replace_batch, _write_cifar, _write_mnist
+from _formats import write_cifar as _write_cifar
+from test_readers import _replace_batch, _write_mnist
 from test_store import _Boom
 from tuner import cli
 from tuner.errors import UsageError
