@@ -70,25 +70,8 @@ BASELINE_OVERRIDES: dict[str, dict[str, object]] = {
 
 
 @dataclass(frozen=True)
-class Config:
-    """FST defaults (official README example / paper, CIFAR-10)."""
-
-    lr: float = 0.01  #: initial SGD learning rate
-    epochs: int = 10  #: passes over the clean split; also the cosine period (epochs)
-    batch_size: int = 128  #: images per optimizer step
-    momentum: float = 0.9  #: SGD momentum (dimensionless)
-    weight_decay: float = 0.0  #: L2 coefficient (the official code uses none)
-    alpha: float = 0.2  #: weight of <W, W_ori>_F (per unit of head weight product)
-    project_head_norm: bool = True  #: W <- W C / ||W||_F after each step
-
-    def __post_init__(self) -> None:
-        E.check_common(self)
-        E.check(self.alpha >= 0.0, f"alpha={self.alpha}: expected a number >= 0")
-
-
-@dataclass(frozen=True)
 class BaselineConfig:
-    """Shared defaults of FT-init / LP / FE-tuning: FST's, with no shift penalty."""
+    """Defaults shared by FST and its baselines FT-init / LP / FE-tuning (no shift penalty)."""
 
     lr: float = 0.01  #: initial SGD learning rate
     epochs: int = 10  #: passes over the clean split; also the cosine period (epochs)
@@ -99,6 +82,17 @@ class BaselineConfig:
 
     def __post_init__(self) -> None:
         E.check_common(self)
+
+
+@dataclass(frozen=True)
+class Config(BaselineConfig):
+    """FST defaults (official README example / paper, CIFAR-10): the baselines' plus the shift."""
+
+    alpha: float = 0.2  #: weight of <W, W_ori>_F (per unit of head weight product)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        E.check(self.alpha >= 0.0, f"alpha={self.alpha}: expected a number >= 0")
 
 
 @dataclass(frozen=True)

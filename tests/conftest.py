@@ -14,4 +14,5 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
+    """Tiny models: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
     torch.set_num_threads(1)

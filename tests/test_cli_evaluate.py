@@ -44,15 +44,6 @@ class FakeVictim:
         return build_model(self.arch, self.info).to(device)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def splits():
     return load_splits("digits", seed=0)

@@ -38,15 +38,6 @@ TRAINS_HEAD = EXPECTED_NAMES - {"fe_tuning"}
 TRAINS_BACKBONE = EXPECTED_NAMES - {"lp", "ngf"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waiting on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def clean() -> Split:
     g = torch.Generator().manual_seed(0)

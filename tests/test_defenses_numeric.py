@@ -20,14 +20,6 @@ INFO = DatasetInfo("tiny", 1, 8, 4, (0.5,), (0.5,), hflip=True, pad=1)
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def clean() -> Split:
     g = torch.Generator().manual_seed(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from tuner.errors import UsageError
 
@@ -22,8 +23,9 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="folder holding the dataset files (not needed for digits)")
     g.add_argument("--arch", default="cnn", help="victim model: cnn (default) or preact-resnet18")
     g.add_argument("--poison-rate", type=float, default=None,
-                   help="share of the training set the attacker poisons, in (0, 1) (default 0.1; "
-                        "on digits sig uses 0.08, see the README)")
+                   help="share of the training set the attacker poisons, in (0, 1), for every "
+                        "attack (default 0.1, or an attack's documented default on the dataset: "
+                        "sig and lc use 0.08 on digits, see the README)")
     g.add_argument("--clean-ratio", type=float, default=None,
                    help="defender's clean share of the training set (default: per dataset, "
                         "0.1 for digits, 0.05 elsewhere)")
@@ -36,6 +38,15 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto (default): bf16 autocast where the hardware has native bf16 (CUDA, "
                         "or a CPU with AMX/AVX512-BF16), fp32 elsewhere; fp32 or bf16 to force one")
+
+
+def zoo_spec(args: argparse.Namespace) -> Any:
+    """The ``zoo.victims.ZooSpec`` that the shared flags describe."""
+    from zoo.victims import ZooSpec
+
+    return ZooSpec(dataset=args.dataset, arch=args.arch, poison_rate=args.poison_rate, seed=args.seed,
+                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image,
+                   precision=args.precision)
 
 
 def parse_list(text: str) -> list[str]:

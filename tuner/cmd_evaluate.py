@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuner._flags import DEFAULT_SEARCH_ATTACKS, add_data_flags, check_common
+from tuner._flags import DEFAULT_SEARCH_ATTACKS, add_data_flags, check_common, zoo_spec
 from tuner.errors import UsageError
 
 
@@ -70,13 +70,11 @@ def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
 
 def _victims(args: argparse.Namespace) -> tuple[list[Any], Any]:
     from zoo.data import load_splits
-    from zoo.victims import ZooSpec, get_victims
+    from zoo.victims import get_victims
 
     splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
                          clean_ratio=args.clean_ratio)
-    spec = ZooSpec(args.dataset, arch=args.arch, poison_rate=args.poison_rate, seed=args.seed,
-                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image,
-                   precision=args.precision)
+    spec = zoo_spec(args)
     victims = get_victims(spec, list(args.attacks), splits=splits, device=args.device,
                           progress=not args.json)
     return victims, splits

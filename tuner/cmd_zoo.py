@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from tuner._flags import add_data_flags, check_common
+from tuner._flags import add_data_flags, check_common, zoo_spec
 from tuner.errors import UsageError
 
 DEFAULT_ZOO_ATTACKS = "none,badnets,blended,wanet,sig"
@@ -61,11 +61,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> int:
     check_common(args)
     from zoo.data import load_splits
-    from zoo.victims import ZooSpec, get_victims, prepare_attacks
+    from zoo.victims import get_victims, prepare_attacks
 
-    spec = ZooSpec(dataset=args.dataset, arch=args.arch, poison_rate=args.poison_rate, seed=args.seed,
-                   data_root=args.data_root, zoo_dir=args.zoo_dir, blend_image=args.blend_image,
-                   precision=args.precision)
+    spec = zoo_spec(args)
     splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed, clean_ratio=args.clean_ratio)
     try:
         prepare_attacks(spec, list(args.attacks), splits)

@@ -71,6 +71,18 @@ def _require_root(name: str, root: Path | None, layout: str) -> Path:
     return root
 
 
+def _find(name: str, root: Path | None, download: bool, layout: str, find: Callable[[Path], Any],
+          fetch: Callable[[Any, str], None], missing: str) -> tuple[Path, Any]:
+    """``(root, find(root))``, downloading first when asked and not found; one-line errors."""
+    if download and (root is None or find(root) is None):
+        _download(name, root, layout, fetch)
+    root = _require_root(name, root, layout)
+    found = find(root)
+    if found is None:
+        raise _error(name, root, missing, layout)
+    return root, found
+
+
 def _download(name: str, root: Path | None, layout: str, fetch: Callable[[Any, str], None]) -> None:
     """Fetch ``name`` into ``root`` with torchvision's downloaders, if torchvision exists."""
     if root is None:
@@ -165,12 +177,8 @@ def _mnist_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_mnist(root: Path | None, download: bool) -> RawData:
     """MNIST from its IDX files (plain or gzipped), 1 x 28 x 28."""
-    if download and (root is None or _mnist_files(root) is None):
-        _download("mnist", root, _MNIST_LAYOUT, _fetch_mnist)
-    root = _require_root("mnist", root, _MNIST_LAYOUT)
-    files = _mnist_files(root)
-    if files is None:
-        raise _error("mnist", root, "IDX files not found", _MNIST_LAYOUT)
+    root, files = _find("mnist", root, download, _MNIST_LAYOUT, _mnist_files, _fetch_mnist,
+                        "IDX files not found")
     try:
         x_train, y_train = _mnist_pair(files[0], files[1])
         x_test, y_test = _mnist_pair(files[2], files[3])
@@ -423,12 +431,8 @@ def _gtsrb_train(train_dir: Path) -> tuple[list[Path], list[int]]:
 
 def read_gtsrb(root: Path | None, download: bool) -> RawData:
     """GTSRB from the official folders and CSVs, whole images resized to 3 x 32 x 32."""
-    if download and (root is None or _gtsrb_base(root) is None):
-        _download("gtsrb", root, _GTSRB_LAYOUT, _fetch_gtsrb)
-    root = _require_root("gtsrb", root, _GTSRB_LAYOUT)
-    base = _gtsrb_base(root)
-    if base is None:
-        raise _error("gtsrb", root, "training folder not found", _GTSRB_LAYOUT)
+    root, base = _find("gtsrb", root, download, _GTSRB_LAYOUT, _gtsrb_base, _fetch_gtsrb,
+                       "training folder not found")
     test_csv = _gtsrb_test_csv(root, base)
     if test_csv is None:
         raise _error("gtsrb", root, "GT-final_test.csv not found", _GTSRB_LAYOUT)

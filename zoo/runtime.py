@@ -12,6 +12,7 @@ a CPU at equal ACC and ASR). Elsewhere (an AVX2-only CPU, where bf16 is emulated
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 __all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "pick_device", "prepare_model",
-           "seed_everything", "to_device_layout", "use_bf16"]
+           "reproducible_precision", "seed_everything", "to_device_layout", "use_bf16"]
 
 Precision = str  # "auto" | "fp32" | "bf16"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -43,6 +44,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@functools.cache  # a fact of the machine, asked on every batch
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AMX tiles or AVX512-BF16)."""
     probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
@@ -65,6 +67,12 @@ def use_bf16(device: torch.device, precision: Precision = "auto") -> bool:
             return torch.cuda.is_bf16_supported()
         return device.type == "cpu" and cpu_has_native_bf16()
     return precision == "bf16"
+
+
+def reproducible_precision(device: torch.device, precision: Precision = "auto") -> Precision:
+    """``precision`` for work whose result is stored and must not depend on the CPU's bf16
+    support (victims, attack artefacts): "auto" becomes fp32 on CPU; CUDA keeps "auto"."""
+    return "fp32" if precision == "auto" and device.type == "cpu" else precision
 
 
 @contextlib.contextmanager

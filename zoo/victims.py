@@ -26,7 +26,7 @@ from zoo.attacks import ATTACKS, DEFAULT_POISON_RATE, Attack, dataset_defaults, 
 from zoo.data import DATASETS, DatasetInfo, Split, Splits, load_splits
 from zoo.metrics import Metrics, evaluate
 from zoo.models import ARCHS, Classifier, build_model
-from zoo.runtime import pick_device, prepare_model
+from zoo.runtime import pick_device, prepare_model, reproducible_precision
 from zoo.train import Recipe, default_recipe, train_victim
 
 __all__ = ["Victim", "ZooSpec", "get_victims", "prepare_attacks", "victim_description"]
@@ -54,9 +54,7 @@ class ZooSpec:
     def victim_precision(self, device: torch.device) -> str:
         """Victims train in fp32 on CPU, so a store's victims do not depend on the CPU's bf16
         support (the defenses' trials use bf16 where the CPU has it); bf16 on CUDA."""
-        if self.precision == "auto" and device.type == "cpu":
-            return "fp32"
-        return self.precision
+        return reproducible_precision(device, self.precision)
 
     def training_recipe(self) -> Recipe:
         return self.recipe or default_recipe(self.dataset, self.arch)
@@ -195,15 +193,15 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     prepare_s = _prepare(spec, attack, splits, device, progress)
     recipe = spec.training_recipe()
     rate = spec.rate_for(attack.name)
+    precision = spec.victim_precision(device)
     state, train_s = train_victim(attack, splits, spec.arch, poison_rate=rate, recipe=recipe,
-                                  seed=spec.seed, device=device, progress=progress,
-                                  precision=spec.victim_precision(device))
+                                  seed=spec.seed, device=device, progress=progress, precision=precision)
     model = build_model(spec.arch, splits.info)
     model.load_state_dict(state)
     model = prepare_model(model, device)
     metrics = {
         name: evaluate(model, clean, attack.triggered(clean), attack.target, splits.info, device=device,
-                       precision=spec.victim_precision(device)).as_dict()
+                       precision=precision).as_dict()
         for name, clean in (("val", splits.val), ("test", splits.test))
     }
     meta = {

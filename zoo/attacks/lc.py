@@ -82,7 +82,7 @@ from zoo.attacks._aux import PreparedAttack, Progress, digest, to_model_input
 from zoo.attacks.base import poison_indices, to_uint8
 from zoo.data import DatasetInfo, Split
 from zoo.loader import augment
-from zoo.runtime import autocast, prepare_model
+from zoo.runtime import autocast, prepare_model, reproducible_precision
 
 __all__ = ["LC", "corner_pattern", "fast_adversarial_training", "pgd_untargeted", "reinitialized"]
 
@@ -158,7 +158,7 @@ def fast_adversarial_training(model: nn.Module, train: Split, info: DatasetInfo,
     model (on ``device``) in eval mode; ``report(epoch, mean loss)`` after each epoch.
     """
     if precision is None:
-        precision = "auto" if device.type == "cuda" else "fp32"
+        precision = reproducible_precision(device)
     model = prepare_model(model, device).train()
     x_all, y_all = train.x.to(device), train.y.to(device)
     n = len(y_all)

@@ -54,10 +54,12 @@ class SIG(Attack):
         self.signal = sig_pattern(info.size, self.delta, self.f)
         self.test_signal = sig_pattern(info.size, self.test_delta, self.f)
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
+    def _add(self, x: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
         self._check_images(x)
-        return to_uint8(x.to(torch.float64) + self.signal.to(x.device))
+        return to_uint8(x.to(torch.float64) + signal.to(x.device))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add(x, self.signal)
 
     def apply_test(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_images(x)
-        return to_uint8(x.to(torch.float64) + self.test_signal.to(x.device))
+        return self._add(x, self.test_signal)
