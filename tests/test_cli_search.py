@@ -58,6 +58,11 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
                 "no_defense", "wall_seconds"):
         assert key in summary, key
     assert summary["num_trials"] == 2 and summary["attacks"] == ["badnets"]
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["trials"] == 2 and timing["slots"] >= 1 and 0.0 <= timing["ray_overhead_share"] < 1.0
+    assert timing["trial_seconds"] > 0 and timing["wall_seconds"] > timing["search_seconds"] > 0
+    # the default is measured before the search (while Ray starts), the best after it
+    assert r.stdout.index("paper default on test") < r.stdout.index("search: 2 trials")
     trials = json.loads((run / "trials.json").read_text())
     assert all(t["state"] == "complete" and t["epochs"] == 1 for t in trials)
     final = json.loads((run / "final.json").read_text())

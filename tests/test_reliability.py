@@ -55,12 +55,13 @@ def _tuner(*argv: str, timeout: float, **env: str) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def smoke_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The --smoke-test badnets victim, built once for every CLI search of this module."""
-    from tuner.search import _load_victims
+    from tuner.search import _check_victims, _load_victims
     from tuner.spec import ExperimentSpec
 
     zoo = tmp_path_factory.mktemp("smoke_zoo")
-    _load_victims(ExperimentSpec(defense="ft", smoke_test=True, attacks=("badnets",), name="x",
-                                 zoo_dir=zoo, output=zoo.parent / "unused"))
+    spec = ExperimentSpec(defense="ft", smoke_test=True, attacks=("badnets",), name="x",
+                          zoo_dir=zoo, output=zoo.parent / "unused")
+    _load_victims(spec, *_check_victims(spec))
     return zoo
 
 

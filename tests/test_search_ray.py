@@ -251,3 +251,56 @@ def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
         with trainable.ray_session(spec):
             pass
     assert time.time() - start < 30
+
+
+def test_local_ray_preloads_what_a_trial_imports() -> None:
+    kwargs = trainable.local_init_kwargs(2, ("tuner.trainable", "torch._dynamo"))
+    assert kwargs["_system_config"] == {"preload_python_modules": ["tuner.trainable", "torch._dynamo"]}
+    assert "_system_config" not in trainable.local_init_kwargs(2)
+    for name in trainable.PRELOAD_MODULES:  # each one exists (Ray only logs a failed preload)
+        __import__(name)
+
+
+def test_trial_actors_are_registered_without_a_runtime_env(monkeypatch) -> None:
+    from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE, _ActorClassCache
+
+    class Trainable:
+        pass
+
+    for name in ENV_VARS_TO_PROPAGATE:
+        monkeypatch.delenv(name, raising=False)
+    original = _ActorClassCache.get
+    tune_own = _ActorClassCache().get(Trainable)
+    assert tune_own._default_options.get("runtime_env")  # what keeps prestarted workers unused
+    with trainable.actors_on_prestarted_workers() as plain:
+        assert plain and _ActorClassCache.get is not original
+        cache = _ActorClassCache()
+        cls = cache.get(Trainable)
+        assert cache.get(Trainable) is cls and not cls._default_options.get("runtime_env")
+    assert _ActorClassCache.get is original
+    monkeypatch.setenv(next(iter(ENV_VARS_TO_PROPAGATE)), "x")  # a variable Tune must pass on
+    with trainable.actors_on_prestarted_workers() as plain:
+        assert not plain and _ActorClassCache.get is original
+    with trainable.actors_on_prestarted_workers(enabled=False) as plain:
+        assert not plain
+
+
+def test_ray_start_error_surfaces_at_ready_and_exit_is_clean(tmp_path: Path) -> None:
+    from tuner.errors import UsageError
+    from tuner.search import _RayInBackground
+
+    spec = make_spec(tmp_path, address="127.0.0.1:1")
+    with pytest.raises(UsageError, match="no Ray cluster answers"):
+        with _RayInBackground(spec) as bg:
+            bg.ready()
+    assert not ray.is_initialized() and bg.waited > 0
+
+
+def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
+    from tuner.search import timing
+
+    records = [{"seconds": 6.0}, {"seconds": 12.0}]
+    t = timing(wall=30.0, victims=1.0, search=9.0, final=5.0, ray_waited=1.0, records=records, slots=2)
+    assert t["trial_seconds"] == 18.0 and t["ray_overhead_share"] == pytest.approx(1 - 18 / 20)
+    assert timing(wall=1.0, victims=0, search=0.0, final=0, ray_waited=0.0, records=[],
+                  slots=2)["ray_overhead_share"] == 0.0

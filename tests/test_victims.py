@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from zoo.attacks import make_attack
 from zoo.data import load_splits
 from zoo.train import Recipe, _Progress, default_recipe
-from zoo.victims import ZooSpec, get_victims
+from zoo.victims import ZooSpec, get_victims, victim_description
 
 TINY = Recipe(epochs=1, batch_size=64, lr=0.05)
 
@@ -92,6 +95,18 @@ def test_default_recipes_are_documented_backdoorbench_values() -> None:
     g = default_recipe("gtsrb", "preact-resnet18")
     assert g.epochs == 50 and g.lr_at(49) > 0.005  # cosine over 100 epochs, cut at 50
     assert default_recipe("digits", "cnn").lr_at(0) == default_recipe("digits", "cnn").lr
+
+
+def test_wanet_trains_longer_on_digits_and_its_key_says_so(splits) -> None:
+    base, wanet = default_recipe("digits", "cnn"), default_recipe("digits", "cnn", "wanet")
+    assert (base.epochs, wanet.epochs) == (50, 80)
+    assert dataclasses.replace(wanet, epochs=base.epochs) == base  # only the length differs
+    assert default_recipe("cifar10", "preact-resnet18", "wanet") == default_recipe("cifar10", "preact-resnet18")
+    spec = ZooSpec("digits")
+    desc = {a: victim_description(spec, make_attack(a, splits.info)) for a in ("badnets", "wanet")}
+    assert desc["wanet"]["recipe"]["epochs"] == 80 and desc["badnets"]["recipe"]["epochs"] == 50
+    mine = Recipe(epochs=3, batch_size=8, lr=0.1)  # a user's recipe applies to every attack
+    assert ZooSpec("digits", recipe=mine).training_recipe("wanet") == mine
 
 
 def test_progress_prints_a_line_every_few_epochs_when_not_a_tty(capsys) -> None:

@@ -1,15 +1,17 @@
 """The search, end to end: ``run_search(spec) -> run directory``.
 
-1. validate the spec (before anything is built or started);
-2. load the splits and the victims (search attacks + held-out attacks; built once, then stored);
+1. validate the spec, the data and the attacks (before anything is built or started);
+2. load the victims (search attacks + held-out attacks; built once, then stored) while Ray
+   is imported and started in a background thread;
 3. run the Ray Tune + Optuna search on the validation split (``tuner.trainable``, the only
    module that imports Ray); write ``spec.json``, ``space.json``, ``trials.json``, ``study.db``;
 4. final evaluation in this process, on the test split, of the best and the paper-default
    configurations (seeds ``seed .. seed+final_seeds-1``, search and held-out victims) next to
-   the no-defense victims; write ``final.json``, ``timing.json`` and the report.
+   the no-defense victims, while Ray stops in the background; write ``final.json``,
+   ``timing.json`` and the report.
 
-The final evaluation runs in the driver after Ray has stopped: it is a handful of
-configurations on a few victims, and all CPU cores are free by then.
+The final evaluation runs in the driver after the search: it is a handful of configurations
+on a few victims, and all CPU cores are free by then.
 
 >>> from tuner.spec import ExperimentSpec                   # doctest: +SKIP
 >>> run_search(ExperimentSpec(defense="ft", smoke_test=True, num_samples=2, max_epochs=1,
@@ -26,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +66,37 @@ def _smoke_recipe(spec: ExperimentSpec) -> Any:
     return dataclasses.replace(recipe, epochs=min(recipe.epochs, SMOKE_VICTIM_EPOCHS))
 
 
-def _load_victims(spec: ExperimentSpec) -> tuple[Any, list[Any], list[Any], float]:
-    """Splits, search victims, held-out victims, seconds (built once, then from the store)."""
-    from zoo.data import load_splits
-    from zoo.victims import ZooSpec, get_victims
+def _zoo_spec(spec: ExperimentSpec) -> Any:
+    from zoo.victims import ZooSpec
 
-    start = time.perf_counter()
+    return ZooSpec(dataset=spec.dataset, arch=spec.arch, poison_rate=spec.poison_rate,
+                   seed=spec.seed, data_root=spec.data_root, zoo_dir=spec.zoo_dir,
+                   blend_image=spec.blend_image, recipe=_smoke_recipe(spec), precision=spec.precision)
+
+
+def _check_victims(spec: ExperimentSpec) -> tuple[Any, Any]:
+    """The zoo spec and the splits, with the data and every attack checked (ValueError)."""
+    from zoo.data import load_splits
+    from zoo.victims import prepare_attacks
+
     splits = load_splits(spec.dataset, data_root=spec.data_root, seed=spec.seed,
                          clean_ratio=spec.clean_ratio)
-    zoo = ZooSpec(dataset=spec.dataset, arch=spec.arch, poison_rate=spec.poison_rate,
-                  seed=spec.seed, data_root=spec.data_root, zoo_dir=spec.zoo_dir,
-                  blend_image=spec.blend_image, recipe=_smoke_recipe(spec), precision=spec.precision)
+    zoo = _zoo_spec(spec)
+    prepare_attacks(zoo, [*spec.attacks, *spec.holdout_attacks], splits)
+    return zoo, splits
+
+
+def _load_victims(spec: ExperimentSpec, zoo: Any, splits: Any) -> tuple[list[Any], list[Any], float]:
+    """Search victims, held-out victims, seconds (built once, then from the store)."""
+    from zoo.victims import get_victims
+
+    start = time.perf_counter()
     names = [*spec.attacks, *spec.holdout_attacks]
     print(f"victims: {', '.join(names)} ({spec.dataset}, {spec.arch})", flush=True)
     victims = get_victims(zoo, names, splits=splits, device=spec.device, progress=True)
     by_name = {v.attack: v for v in victims}
-    return (splits, [by_name[a] for a in spec.attacks],
-            [by_name[a] for a in spec.holdout_attacks], time.perf_counter() - start)
+    return ([by_name[a] for a in spec.attacks], [by_name[a] for a in spec.holdout_attacks],
+            time.perf_counter() - start)
 
 
 def pick_best(records: Sequence[dict[str, Any]], objective: str) -> dict[str, Any] | None:
@@ -234,18 +251,67 @@ def _resume_hint(spec: ExperimentSpec) -> str:
             f"--name {spec.name} --resume")
 
 
-def _search(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any) -> list[dict]:
-    from tuner import trainable
+class _RayInBackground:
+    """Ray imported and started in a thread while the driver loads the victims, and stopped in
+    one while it runs the final evaluation, so that neither costs the run wall time when there
+    is other work to hide it behind. ``waited`` is the time the driver still waited for them.
 
-    with trainable.ray_session(spec):
-        return trainable.run_tune(spec, space, victims, splits)
+    One worker thread runs the start, then the stop, in that order. Leaving the ``with`` block
+    (normally or by an exception, Ctrl-C included) stops Ray if it is not stopping yet and
+    waits until it has.
+    """
+
+    def __init__(self, spec: ExperimentSpec) -> None:
+        self.spec, self.waited = spec, 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ray")
+        self._start: Future | None = None
+        self._stop: Future | None = None
+
+    def __enter__(self) -> _RayInBackground:
+        self._start = self._pool.submit(self._start_ray)
+        return self
+
+    def _start_ray(self) -> tuple[Any, bool]:
+        from tuner import trainable  # imports ray: ~0.7 s, hidden here too
+
+        return trainable, trainable.start_ray(self.spec)
+
+    def ready(self) -> Any:
+        """Wait until Ray is up; the ``tuner.trainable`` module (start errors re-raise here)."""
+        assert self._start is not None
+        t = time.perf_counter()
+        try:
+            return self._start.result()[0]
+        finally:
+            self.waited += time.perf_counter() - t
+
+    def stop(self) -> None:
+        """Start stopping Ray (returns at once)."""
+        if self._stop is None:
+            self._stop = self._pool.submit(self._stop_ray)
+
+    def _stop_ray(self) -> None:
+        assert self._start is not None
+        if self._start.exception() is None:  # runs after the start: this is one thread
+            trainable, started = self._start.result()
+            if started:
+                trainable.stop_ray()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        assert self._stop is not None
+        t = time.perf_counter()
+        try:
+            self._stop.result()
+        finally:
+            self.waited += time.perf_counter() - t
+            self._pool.shutdown()
 
 
 def _final(spec: ExperimentSpec, best: dict[str, Any] | None, default: dict[str, Any],
-           victims: list[Any], splits: Any, val_default: float | None) -> dict[str, Any]:
-    print(f"final evaluation on test: {spec.final_seeds} seed(s) x {len(victims)} victims",
-          flush=True)
-    default_runs = final_evaluation(spec, default, victims, splits)
+           default_runs: list[dict[str, Any]], victims: list[Any], splits: Any,
+           val_default: float | None) -> dict[str, Any]:
+    """final.json: the default's runs (measured before the search), the best's, no defense."""
     out: dict[str, Any] = {
         "default": {"params": searched_params(spec, default), "val_score": val_default,
                     "seeds": default_runs},
@@ -255,6 +321,9 @@ def _final(spec: ExperimentSpec, best: dict[str, Any] | None, default: dict[str,
     }
     if best is not None:
         same = best["params"] == default
+        if not same:
+            print(f"final evaluation of the best configuration on test: {spec.final_seeds} "
+                  f"seed(s) x {len(victims)} victims", flush=True)
         runs = default_runs if same else final_evaluation(spec, best["params"], victims, splits)
         out["best"] = {"params": searched_params(spec, best["params"]), "val_score": best["score"],
                        "trial_id": best["trial_id"], "seeds": runs}
@@ -269,41 +338,67 @@ def run_search(spec: ExperimentSpec) -> Path:
     t0 = time.perf_counter()
     spec.validate()
     space = spec.load_space()
-    splits, victims, holdout, victim_s = _load_victims(spec)
-    run = spec.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    if not spec.resume:
-        _write_json(run / "spec.json", spec.to_dict())
-    _write_json(run / "space.json", space_to_json(space))
+    zoo, splits = _check_victims(spec)  # bad data or attacks fail here, before Ray starts
+    with _RayInBackground(spec) as ray_bg:
+        victims, holdout, victim_s = _load_victims(spec, zoo, splits)
+        run = spec.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        if not spec.resume:
+            _write_json(run / "spec.json", spec.to_dict())
+        _write_json(run / "space.json", space_to_json(space))
 
-    t1 = time.perf_counter()
-    records = _search(spec, space, victims, splits)
-    search_s = time.perf_counter() - t1
-    _write_json(run / "trials.json", records)
-    finished = sum(r["state"] != "incomplete" for r in records)
-    if finished < spec.num_samples:
-        print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
-              f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
-        raise KeyboardInterrupt
-    export_study(run / "study.db", records, space, spec.objective, spec.name)
+        # The paper default's test evaluation does not depend on the search: it runs while
+        # Ray starts (and its workers import torch), which it would otherwise wait for.
+        default = dict(space.default)
+        everyone = [*victims, *holdout]
+        print(f"final evaluation of the paper default on test (while Ray starts): "
+              f"{spec.final_seeds} seed(s) x {len(everyone)} victims", flush=True)
+        t2 = time.perf_counter()
+        default_runs = final_evaluation(spec, default, everyone, splits)
+        final_s = time.perf_counter() - t2
 
-    best = pick_best(records, spec.objective)
-    default = dict(space.default)
-    val_default = next((r["score"] for r in records if r["params"] == default), None)
-    if best is None:
-        print("no trial finished without error or divergence: only the default is evaluated",
-              file=sys.stderr)
-    t2 = time.perf_counter()
-    final = _final(spec, best, default, [*victims, *holdout], splits, val_default)
-    final_s = time.perf_counter() - t2
+        trainable = ray_bg.ready()
+        t1 = time.perf_counter()
+        slots = trainable.max_concurrent(spec)
+        records = trainable.run_tune(spec, space, victims, splits)
+        ray_bg.stop()  # Ray stops while the final evaluation runs
+        search_s = time.perf_counter() - t1
+        _write_json(run / "trials.json", records)
+        finished = sum(r["state"] != "incomplete" for r in records)
+        if finished < spec.num_samples:
+            print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
+                  f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        export_study(run / "study.db", records, space, spec.objective, spec.name)
+
+        best = pick_best(records, spec.objective)
+        val_default = next((r["score"] for r in records if r["params"] == default), None)
+        if best is None:
+            print("no trial finished without error or divergence: only the default is evaluated",
+                  file=sys.stderr)
+        t2 = time.perf_counter()
+        final = _final(spec, best, default, default_runs, everyone, splits, val_default)
+        final_s += time.perf_counter() - t2
     _write_json(run / "final.json", final)
-    _write_json(run / "timing.json", {
-        "wall_seconds": time.perf_counter() - t0, "victims_seconds": victim_s,
-        "search_seconds": search_s, "final_seconds": final_s, "trials": len(records),
-        "trial_seconds": sum(r["seconds"] for r in records)})
+    _write_json(run / "timing.json", timing(
+        wall=time.perf_counter() - t0, victims=victim_s, search=search_s, final=final_s,
+        ray_waited=ray_bg.waited, records=records, slots=slots))
     report = write_report(run)
     _print_end(spec, report, final, time.perf_counter() - t0)
     return run
+
+
+def timing(*, wall: float, victims: float, search: float, final: float, ray_waited: float,
+           records: Sequence[dict[str, Any]], slots: int) -> dict[str, Any]:
+    """``timing.json``. The Ray overhead share is the part of the search's wall time (the
+    search, plus what the driver waited for Ray to start or stop) that its ``slots`` did not
+    spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``."""
+    compute = sum(float(r["seconds"]) for r in records)
+    search_wall = search + ray_waited
+    share = max(0.0, 1.0 - compute / (slots * search_wall)) if search_wall > 0 and slots else 0.0
+    return {"wall_seconds": wall, "victims_seconds": victims, "search_seconds": search,
+            "final_seconds": final, "ray_wait_seconds": ray_waited, "trials": len(records),
+            "trial_seconds": compute, "slots": slots, "ray_overhead_share": share}
 
 
 def _print_end(spec: ExperimentSpec, report: Path, final: dict[str, Any], wall: float) -> None:

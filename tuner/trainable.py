@@ -13,8 +13,9 @@ their last intermediate value), so TPE does not learn "short trials are bad conf
 In multi-objective (pareto) runs Optuna keeps no intermediate values: pruned trials carry no
 values there and TPE ignores them.
 
-Only ``tuner.search`` imports this module, inside ``run_search``: ``python -m tuner --help``
-and flag validation never pay for importing Ray.
+Only ``tuner.search`` imports this module, inside ``run_search`` (in the background thread
+that starts Ray), and a local Ray's workers preload it: ``python -m tuner --help`` and flag
+validation never pay for importing Ray.
 
 Test hook. ``BACKDOOR_TUNER_FAULT`` (read by ``trial`` in the worker, inherited from the driver's
 environment) injects faults into the production code path, for the reliability tests:
@@ -45,7 +46,8 @@ from tuner.spec import check_reachable
 if TYPE_CHECKING:
     from tuner.spec import ExperimentSpec
 
-__all__ = ["gpu_memory_fraction", "ray_session", "run_tune", "torch_threads", "trial"]
+__all__ = ["gpu_memory_fraction", "max_concurrent", "ray_session", "run_tune", "start_ray", "stop_ray",
+           "torch_threads", "trial"]
 
 SCORE = "score"  # what ASHA ranks by, and the progress line shows (pareto: the mean rule)
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -197,39 +199,97 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
 
 
 # -- Ray session ----------------------------------------------------------------------------
-def local_init_kwargs(num_cpus: int) -> dict[str, Any]:
+# What a trial's worker imports. A local Ray's prestarted workers import it while the driver
+# loads the victims (Ray's ``preload_python_modules``), so a trial actor does not spend its first
+# seconds importing torch, Tune and the defense: on 2 cores that was ~2.9 s of every search.
+# torch._dynamo (0.8 s, sympy included) is imported by the first torch.optim optimizer built.
+PRELOAD_MODULES = ("tuner.trainable", "tuner.evaluation", "zoo.victims", "torch._dynamo")
+
+
+def local_init_kwargs(num_cpus: int, preload: tuple[str, ...] = ()) -> dict[str, Any]:
     """``ray.init`` arguments for the local Ray the tool starts: no dashboard (so nothing
-    listens beyond Ray's own ports), no log forwarding, a capped object store."""
-    return {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
-            "log_to_driver": False, "logging_level": logging.ERROR,
-            "object_store_memory": OBJECT_STORE_CAP}
+    listens beyond Ray's own ports), no log forwarding, a capped object store, and the
+    modules its workers import at start-up."""
+    kwargs: dict[str, Any] = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
+                              "log_to_driver": False, "logging_level": logging.ERROR,
+                              "object_store_memory": OBJECT_STORE_CAP}
+    if preload:
+        kwargs["_system_config"] = {"preload_python_modules": list(preload)}
+    return kwargs
+
+
+def start_ray(spec: ExperimentSpec) -> bool:
+    """Join ``--address`` or start a local Ray; True if this call did (and ``stop_ray`` should
+    stop it), False if Ray was already initialized (tests, notebooks: used as is)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
+    if spec.address is None:
+        preload = (*PRELOAD_MODULES, f"defenses.{spec.defense}")
+        ray.init(**local_init_kwargs(os.cpu_count() or 1, preload))
+        return True
+    if spec.address != "auto":
+        check_reachable(spec.address, JOIN_TIMEOUT_S)
+    try:
+        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: {first}") from None
+    return True
+
+
+def stop_ray() -> None:
+    """Stop the local Ray (or leave the cluster) that ``start_ray`` started or joined."""
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def actors_on_prestarted_workers(enabled: bool = True) -> Iterator[bool]:
+    """Let Tune create its trial actors without its per-actor ``runtime_env``; yields whether
+    it does.
+
+    Tune registers every trainable with ``runtime_env={"env_vars": {"PL_DISABLE_FORK": "1"}}``
+    (PyTorch Lightning's fork switch, plus cloud keys and Ray Train flags when they are set).
+    An actor with a ``runtime_env`` cannot use the workers Ray prestarted at ``ray.init`` (which
+    imported ``PRELOAD_MODULES`` while the driver loaded the victims), so each trial slot started
+    a fresh process and spent ~2 s of the search importing torch and Tune. Our trainable uses
+    neither Lightning nor those variables: when none of them is set, Tune's actor-class cache
+    registers trial actors plainly for the duration of the block. This relies on Ray 2.60's
+    ``ray.tune.execution.class_cache``; where that differs, nothing changes (the slow start).
+    """
+    try:
+        from ray.tune.execution import class_cache
+
+        cache_cls, propagate = class_cache._ActorClassCache, class_cache.ENV_VARS_TO_PROPAGATE
+        original = cache_cls.get
+    except (ImportError, AttributeError):
+        enabled = False
+    if not enabled or any(name in os.environ for name in propagate):
+        yield False
+        return
+
+    def get(self: Any, trainable_cls: type) -> Any:
+        cache = self.__dict__.setdefault("_cache", {})
+        if trainable_cls not in cache:
+            cache[trainable_cls] = ray.remote(trainable_cls)
+        return cache[trainable_cls]
+
+    cache_cls.get = get
+    try:
+        yield True
+    finally:
+        cache_cls.get = original
 
 
 @contextlib.contextmanager
 def ray_session(spec: ExperimentSpec) -> Iterator[None]:
-    """Join ``--address`` or start a local Ray; a local one stops on exit.
-
-    An already initialized Ray (tests, notebooks) is used as is and left running.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
-    if spec.address is None:
-        ray.init(**local_init_kwargs(os.cpu_count() or 1))
-    else:
-        if spec.address != "auto":
-            check_reachable(spec.address, JOIN_TIMEOUT_S)
-        try:
-            ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: "
-                             f"{first}") from None
+    """``start_ray`` ... ``stop_ray`` around the block (an already running Ray stays up)."""
+    started = start_ray(spec)
     try:
         yield
     finally:
-        ray.shutdown()
+        if started:
+            stop_ray()
 
 
 # -- search components ----------------------------------------------------------------------
@@ -321,7 +381,8 @@ def _trainable(spec: ExperimentSpec, victims: list[Any], splits: Any,
     return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
 
 
-def _max_concurrent(spec: ExperimentSpec) -> int:
+def max_concurrent(spec: ExperimentSpec) -> int:
+    """How many trials run at once: as many as fit in the cluster, capped by --max-concurrent."""
     resources = ray.cluster_resources()
     fit = concurrency(resources, spec.cpus_per_trial, spec.gpus_per_trial)
     if fit < 1:
@@ -358,7 +419,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     # silent there, and ProgressCallback prints our one line per trial instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     max_t = max_t or max_epochs_of_space(spec, space)
-    limit = _max_concurrent(spec)
+    limit = max_concurrent(spec)
     trainable = _trainable(spec, victims, splits, epochs_fn)
     path = spec.run_dir / "ray"
     if spec.resume and tune.Tuner.can_restore(str(path)):
@@ -369,7 +430,8 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
         tuner = _new_tuner(spec, space, trainable, max_t, limit)
     print(f"search: {spec.num_samples} trials of {spec.defense} on {len(victims)} victims, "
           f"up to {limit} at once, {spec.scheduler} (max {max_t} epochs)", flush=True)
-    tuner.fit()
+    with actors_on_prestarted_workers(spec.address is None):
+        tuner.fit()
     # Read the states back from the experiment as saved: in a restored run the in-memory
     # result of a trial finished before the interruption can lack its "done" flag.
     analysis = tune.ExperimentAnalysis(str(path))

@@ -56,8 +56,9 @@ class ZooSpec:
         support (the defenses' trials use bf16 where the CPU has it); bf16 on CUDA."""
         return reproducible_precision(device, self.precision)
 
-    def training_recipe(self) -> Recipe:
-        return self.recipe or default_recipe(self.dataset, self.arch)
+    def training_recipe(self, attack: str | None = None) -> Recipe:
+        """The user's recipe, else the documented one for ``attack`` on this dataset and arch."""
+        return self.recipe or default_recipe(self.dataset, self.arch, attack)
 
     def rate_for(self, attack: str) -> float:
         """The poison rate of ``attack``: the user's, else the zoo's default on this dataset."""
@@ -151,7 +152,7 @@ def victim_description(spec: ZooSpec, attack: Attack) -> dict[str, Any]:
         "attack": attack.name,
         "attack_params": attack.params(),
         "poison_rate": None if attack.name == "none" else spec.rate_for(attack.name),
-        "recipe": asdict(spec.training_recipe()),
+        "recipe": asdict(spec.training_recipe(attack.name)),
     }
 
 
@@ -191,7 +192,7 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
            ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     start = time.perf_counter()
     prepare_s = _prepare(spec, attack, splits, device, progress)
-    recipe = spec.training_recipe()
+    recipe = spec.training_recipe(attack.name)
     rate = spec.rate_for(attack.name)
     precision = spec.victim_precision(device)
     state, train_s = train_victim(attack, splits, spec.arch, poison_rate=rate, recipe=recipe,
