@@ -5,13 +5,13 @@
    is imported and started in a background thread;
 3. run the Ray Tune + Optuna search on the validation split (``tuner.trainable``, the only
    module that imports Ray); write ``spec.json``, ``space.json``, ``trials.json``, ``study.db``;
-4. final evaluation in this process, on the test split, of the best and the paper-default
-   configurations (seeds ``seed .. seed+final_seeds-1``, search and held-out victims) next to
-   the no-defense victims, while Ray stops in the background; write ``final.json``,
-   ``timing.json`` and the report.
+4. final evaluation in this process, on the test split, of the paper-default configuration
+   (before the search, while Ray starts: it does not depend on the search) and of the best
+   one (after it, while Ray stops), seeds ``seed .. seed+final_seeds-1``, search and held-out
+   victims, next to the no-defense victims; write ``final.json``, ``timing.json`` and the
+   report.
 
-The final evaluation runs in the driver after the search: it is a handful of configurations
-on a few victims, and all CPU cores are free by then.
+The final evaluation runs in the driver: it is a handful of configurations on a few victims.
 
 >>> from tuner.spec import ExperimentSpec                   # doctest: +SKIP
 >>> run_search(ExperimentSpec(defense="ft", smoke_test=True, num_samples=2, max_epochs=1,
