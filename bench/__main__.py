@@ -79,8 +79,13 @@ def bench_trial(args: argparse.Namespace, device: torch.device) -> dict[str, Any
                       victim_epochs=victim_epochs_of(args))
     rows = [run_ours(w, args.arch, device, precision=p, epochs=sizes.epochs, seed=args.seed)
             for p in (precisions(device) if args.precision == "both" else [args.precision])]
-    print(table(rows, ["arch", "device", "precision", "epochs", "seconds", "train_images_per_s",
-                       "eval_images_per_s", "acc", "asr"]))
+    if args.compile:
+        from bench.trial import run_compiled
+
+        p = "auto" if args.precision == "both" else args.precision
+        rows += run_compiled(w, args.arch, device, precision=p, epochs=sizes.epochs, seed=args.seed)
+    print(table(rows, ["arch", "device", "precision", "run", "epochs", "seconds",
+                       "train_images_per_s", "eval_images_per_s", "acc", "asr"]))
     return {"bench": "trial", "sizes": vars(sizes), "runs": rows}
 
 
@@ -169,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--precision", default="both", choices=("both", "auto", "fp32", "bf16"),
                    help="trial: the precisions to time (default both fp32 and bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="trial: also run it with torch.compile (first run compiles, second "
+                        "reuses the cache)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
