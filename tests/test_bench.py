@@ -45,6 +45,17 @@ def test_trial_reports_seconds_and_throughputs(workload: Any) -> None:
     assert len(workload.test) == 64 and len(workload.triggered) == 48
 
 
+@pytest.mark.slow
+def test_compiled_trial_gives_the_eager_result(workload: Any) -> None:
+    from bench.trial import run_compiled
+
+    eager = run_ours(workload, "cnn", CPU, precision="fp32", epochs=1)
+    first, second = run_compiled(workload, "cnn", CPU, precision="fp32", epochs=1)
+    assert first["precision"] == "fp32 + compile" and first["run"] != second["run"]
+    for r in (first, second):
+        assert r["acc"] == pytest.approx(eager["acc"], abs=2.0) and r["seconds"] > 0
+
+
 def test_reference_json_has_the_issue_keys(workload: Any) -> None:
     out = compare(workload, "cnn", epochs=1, workers=0)
     json.dumps(out)
