@@ -65,5 +65,8 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
     assert r.stdout.index("paper default on test") < r.stdout.index("search: 2 trials")
     trials = json.loads((run / "trials.json").read_text())
     assert all(t["state"] == "complete" and t["epochs"] == 1 for t in trials)
+    # Tune logs JSON (read back for trials.json) and CSV per trial, no TensorBoard events
+    assert len(list(run.glob("ray/trial_*/result.json"))) == 2
+    assert not list(run.glob("ray/trial_*/events.out.tfevents*"))
     final = json.loads((run / "final.json").read_text())
     assert final["best"]["params"]["epochs"] == 1 and len(final["best"]["seeds"]) == 1

@@ -304,3 +304,23 @@ def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
     assert t["trial_seconds"] == 18.0 and t["ray_overhead_share"] == pytest.approx(1 - 18 / 20)
     assert timing(wall=1.0, victims=0, search=0.0, final=0, ray_waited=0.0, records=[],
                   slots=2)["ray_overhead_share"] == 0.0
+
+
+def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
+    import torch
+
+    from tuner import evaluation, search
+
+    assert [search.final_threads(n) for n in (None, 1, 2, 16)] == [1, 1, 1, 15]
+    seen: list[int] = []
+
+    def fake_run_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.append(torch.get_num_threads())
+        return {}
+
+    monkeypatch.setattr(evaluation, "run_config", fake_run_config)
+    monkeypatch.setattr(search.os, "cpu_count", lambda: 3)
+    before = torch.get_num_threads()
+    spec = ExperimentSpec(defense="ngf", final_seeds=2)
+    assert search.final_evaluation(spec, {}, [], None) == [{}, {}]
+    assert seen == [2, 2] and torch.get_num_threads() == before

@@ -133,6 +133,17 @@ def searched_params(spec: ExperimentSpec, params: dict[str, Any]) -> dict[str, A
     return {**params, "epochs": int(cfg.epochs)}
 
 
+def final_threads(cores: int | None) -> int:
+    """Torch threads of the final evaluations: one core fewer than the machine has (at least
+    one), because Ray starts (before the search) or stops (after it) beside them.
+
+    On 2 cores, two torch threads beside Ray's start-up (its workers import torch and Tune)
+    waited on each other at every operation: the first trials started ~2.5 s late (Ray's share of
+    the default search 13-29% instead of 6%). Default and best use the same count, so their
+    test numbers are comparable for the defenses whose results depend on it (README)."""
+    return max(1, (cores or 1) - 1)
+
+
 def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list[Any],
                      splits: Any) -> list[dict[str, Any]]:
     """``run_config`` on test for each final seed: one ``{attack: {before, after, ...}}`` each."""
@@ -143,7 +154,7 @@ def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list
     device = torch.device(spec.device)
     params = searched_params(spec, params)
     seeds = range(spec.seed, spec.seed + spec.final_seeds)
-    with _torch_threads(os.cpu_count() or 1):
+    with _torch_threads(final_threads(os.cpu_count())):
         return [run_config(spec.defense, params, victims, splits, seed=s, device=device,
                            split="test", precision=spec.precision) for s in seeds]
 
