@@ -5,7 +5,8 @@ Benchmarks:
 - ``trial``: our trial loop (FST defaults, 2,500 clean 32x32 images, 10 epochs, then 10,000
   clean + 9,000 triggered images evaluated once): seconds, training and evaluation images/s;
   fp32 and bf16 on CPU, bf16 + channels_last and fp32 on CUDA.
-- ``reference``: the published-code-style loop against ours, same work; ratio, ACC/ASR of both.
+- ``reference``: the published-code-style loop against ours, same work, over ``--seeds`` seeds
+  (3): the ratio of their summed times, and the mean ACC/ASR of both.
 - ``overhead``: the default search (``python -m tuner --defense ngf``), with the victims built
   in the run and again with them stored: the search's wall time against its trials' compute.
 - ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
@@ -90,16 +91,22 @@ def bench_trial(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
 
 def bench_reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from bench.reference import compare
+    from bench.reference import compare, over_seeds
 
     cpu = torch.device("cpu")
     sizes = sizes_of(args)
-    w = make_workload(args.arch, device=cpu, seed=args.seed, sizes=sizes,
-                      victim_epochs=victim_epochs_of(args))
-    out = compare(w, args.arch, epochs=sizes.epochs, workers=args.workers, seed=args.seed)
-    print(table(out["runs"], ["loop", "arch", "epochs", "seconds", "acc", "asr"]))
-    print(f"reference / ours = {out['ratio']:.1f}x; |dACC| {out['acc_gap']:.2f}, "
-          f"|dASR| {out['asr_gap']:.2f} points")
+    per_seed = []
+    for seed in range(args.seed, args.seed + max(1, args.seeds)):
+        w = make_workload(args.arch, device=cpu, seed=seed, sizes=sizes,
+                          victim_epochs=victim_epochs_of(args))
+        r = compare(w, args.arch, epochs=sizes.epochs, workers=args.workers, seed=seed)
+        per_seed.append({**r, "seed": seed})
+    out = over_seeds(per_seed)
+    print(table(out["runs"], ["seed", "loop", "arch", "epochs", "seconds", "acc", "asr"]))
+    print(f"over {len(per_seed)} seed(s): reference / ours = {out['ratio']:.1f}x; mean ACC "
+          f"reference {out['reference']['acc']:.2f}, ours {out['ours']['acc']:.2f} "
+          f"(|dACC| {out['acc_gap']:.2f}); mean ASR reference {out['reference']['asr']:.2f}, "
+          f"ours {out['ours']['asr']:.2f} (|dASR| {out['asr_gap']:.2f}) points")
     return {"bench": "reference", "sizes": vars(sizes), **out}
 
 
@@ -178,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
                    help="trial: also run it with torch.compile (first run compiles, second "
                         "reuses the cache)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="reference: seeds --seed, --seed+1, ... (default 3); times summed, "
+                        "ACC and ASR averaged, per-seed runs listed")
     return p
 
 

@@ -128,3 +128,28 @@ def compare(w: Workload, arch: str, *, epochs: int = 10, workers: int = 2,
         "acc_gap": abs(ours["acc"] - ref["acc"]), "asr_gap": abs(ours["asr"] - ref["asr"]),
         "runs": [dict(ref, loop="reference"), dict(ours, loop="ours")],
     }
+
+
+def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """``compare`` results of several seeds as one: seconds summed (``ratio`` is total
+    reference time over total ours), ACC and ASR averaged per loop, the gaps between the means,
+    and each seed's result under ``seeds``.
+
+    One FST run's ACC moves by about a point from seed to seed, and the two loops draw their
+    batches differently, so a single seed cannot tell "the same results" from noise; the means
+    over a few seeds can.
+    """
+    def mean(loop: str, key: str) -> float:
+        return sum(r[loop][key] for r in per_seed) / len(per_seed)
+
+    ours_s = sum(r["ours_seconds"] for r in per_seed)
+    ref_s = sum(r["reference_seconds"] for r in per_seed)
+    ours = {"acc": mean("ours", "acc"), "asr": mean("ours", "asr")}
+    ref = {"acc": mean("reference", "acc"), "asr": mean("reference", "asr")}
+    return {
+        "ours_seconds": ours_s, "reference_seconds": ref_s, "ratio": ref_s / ours_s,
+        "ours": ours, "reference": ref,
+        "acc_gap": abs(ours["acc"] - ref["acc"]), "asr_gap": abs(ours["asr"] - ref["asr"]),
+        "runs": [dict(run, seed=r["seed"]) for r in per_seed for run in r["runs"]],
+        "seeds": per_seed,
+    }

@@ -64,6 +64,32 @@ def test_reference_json_has_the_issue_keys(workload: Any) -> None:
     assert out["ratio"] == pytest.approx(out["reference_seconds"] / out["ours_seconds"])
 
 
+def test_reference_over_seeds_sums_times_and_averages_results() -> None:
+    from bench.reference import over_seeds
+
+    def seed(s: int, ours: float, ref: float, acc: tuple[float, float]) -> dict[str, Any]:
+        return {"seed": s, "ours_seconds": ours, "reference_seconds": ref,
+                "ours": {"acc": acc[0], "asr": 0.0}, "reference": {"acc": acc[1], "asr": 1.0},
+                "runs": [{"loop": "reference"}, {"loop": "ours"}]}
+
+    out = over_seeds([seed(0, 1.0, 9.0, (97.0, 98.3)), seed(1, 3.0, 27.0, (97.7, 96.4))])
+    assert out["ratio"] == pytest.approx(9.0) and out["ours_seconds"] == 4.0
+    assert out["ours"]["acc"] == pytest.approx(97.35) and out["reference"]["acc"] == pytest.approx(97.35)
+    assert out["acc_gap"] == pytest.approx(0.0) and out["asr_gap"] == pytest.approx(1.0)
+    assert [(r["seed"], r["loop"]) for r in out["runs"]] == [
+        (0, "reference"), (0, "ours"), (1, "reference"), (1, "ours")]
+    json.dumps(out)
+
+
+def test_reference_command_runs_each_seed(tmp_path: Path) -> None:
+    path = tmp_path / "reference.json"
+    assert main(["reference", "--quick", "--workers", "0", "--seeds", "2", "--seed", "3",
+                 "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert [s["seed"] for s in out["seeds"]] == [3, 4] and len(out["runs"]) == 4
+    assert out["ratio"] == pytest.approx(out["reference_seconds"] / out["ours_seconds"])
+
+
 def test_packing_without_cuda_says_so_and_exits_0(tmp_path: Path, capsys: Any) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA present: packing would run")
