@@ -21,6 +21,10 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="digits (bundled, default), mnist, cifar10, gtsrb or imagefolder")
     g.add_argument("--data-root", type=Path, default=None,
                    help="folder holding the dataset files (not needed for digits)")
+    g.add_argument("--download", action="store_true",
+                   help="mnist, cifar10, gtsrb: fetch the files into --data-root with "
+                        "torchvision's downloaders when they are not there (needs the "
+                        "torchvision extra and a network)")
     g.add_argument("--arch", default="cnn", help="victim model: cnn (default) or preact-resnet18")
     g.add_argument("--poison-rate", type=float, default=None,
                    help="share of the training set the attacker poisons, in (0, 1), for every "
@@ -69,8 +73,12 @@ def check_common(args: argparse.Namespace, attack_lists: tuple[str, ...] = ("att
         raise UsageError(f"--clean-ratio {args.clean_ratio}: expected a number in (0, 1]")
     if args.dataset != "digits" and args.data_root is None:
         raise UsageError(f"--data-root is required for dataset {args.dataset!r} (only digits is bundled)")
-    if args.data_root is not None and not args.data_root.is_dir():
-        raise UsageError(f"--data-root {str(args.data_root)!r} is not a directory")
+    if args.data_root is not None and not args.data_root.is_dir() and not args.download:
+        from zoo.readers import layout
+
+        expected = layout(args.dataset)
+        raise UsageError(f"--data-root {str(args.data_root)!r} is not a directory"
+                         + (f": {args.dataset} expects {expected}" if expected else ""))
     if args.blend_image is not None and not args.blend_image.is_file():
         raise UsageError(f"--blend-image {str(args.blend_image)!r} is not a file")
     for attr in attack_lists:

@@ -73,7 +73,7 @@ def _victims(args: argparse.Namespace) -> tuple[list[Any], Any]:
     from zoo.victims import get_victims
 
     splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
-                         clean_ratio=args.clean_ratio)
+                         clean_ratio=args.clean_ratio, download=args.download)
     spec = zoo_spec(args)
     victims = get_victims(spec, list(args.attacks), splits=splits, device=args.device,
                           progress=not args.json)

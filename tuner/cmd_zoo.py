@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> int:
     from zoo.victims import get_victims, prepare_attacks
 
     spec = zoo_spec(args)
-    splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed, clean_ratio=args.clean_ratio)
+    splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
+                         clean_ratio=args.clean_ratio, download=args.download)
     try:
         prepare_attacks(spec, list(args.attacks), splits)
     except ValueError as exc:

@@ -80,7 +80,7 @@ def _check_victims(spec: ExperimentSpec) -> tuple[Any, Any]:
     from zoo.victims import prepare_attacks
 
     splits = load_splits(spec.dataset, data_root=spec.data_root, seed=spec.seed,
-                         clean_ratio=spec.clean_ratio)
+                         clean_ratio=spec.clean_ratio, download=spec.download)
     zoo = _zoo_spec(spec)
     prepare_attacks(zoo, [*spec.attacks, *spec.holdout_attacks], splits)
     return zoo, splits

@@ -62,6 +62,7 @@ class ExperimentSpec:
     defense: str
     dataset: str = "digits"
     data_root: Path | None = None
+    download: bool = False  # fetch the dataset into data_root (torchvision) when missing
     arch: str = "cnn"
     attacks: tuple[str, ...] = SEARCH_ATTACKS
     holdout_attacks: tuple[str, ...] = ()
@@ -318,7 +319,8 @@ def from_args(args: argparse.Namespace) -> ExperimentSpec:
     gpus = _given(args, "gpus_per_trial")
     address, name = _given(args, "address"), _given(args, "name")
     spec = ExperimentSpec(
-        defense=args.defense, dataset=args.dataset, data_root=args.data_root, arch=args.arch,
+        defense=args.defense, dataset=args.dataset, data_root=args.data_root,
+        download=args.download, arch=args.arch,
         attacks=tuple(args.attacks), holdout_attacks=tuple(args.holdout_attacks),
         poison_rate=args.poison_rate, clean_ratio=args.clean_ratio,
         blend_image=_given(args, "blend_image"), objective=args.objective,
