@@ -73,12 +73,6 @@ def check_common(args: argparse.Namespace, attack_lists: tuple[str, ...] = ("att
         raise UsageError(f"--clean-ratio {args.clean_ratio}: expected a number in (0, 1]")
     if args.dataset != "digits" and args.data_root is None:
         raise UsageError(f"--data-root is required for dataset {args.dataset!r} (only digits is bundled)")
-    if args.data_root is not None and not args.data_root.is_dir() and not args.download:
-        from zoo.readers import layout
-
-        expected = layout(args.dataset)
-        raise UsageError(f"--data-root {str(args.data_root)!r} is not a directory"
-                         + (f": {args.dataset} expects {expected}" if expected else ""))
     if args.blend_image is not None and not args.blend_image.is_file():
         raise UsageError(f"--blend-image {str(args.blend_image)!r} is not a file")
     for attr in attack_lists:

@@ -51,7 +51,7 @@ import numpy as np
 
 from zoo.data import DataError, RawData
 
-__all__ = ["layout", "read_cifar10", "read_gtsrb", "read_imagefolder", "read_mnist"]
+__all__ = ["read_cifar10", "read_gtsrb", "read_imagefolder", "read_mnist"]
 
 
 class _Malformed(ValueError):
@@ -543,9 +543,3 @@ def read_imagefolder(root: Path | None, download: bool) -> RawData:
     except _Malformed as exc:
         raise _error("imagefolder", root, str(exc), _FOLDER_LAYOUT) from None
     return RawData(x_train, y_train, x_test, y_test)
-
-
-def layout(name: str) -> str | None:
-    """The file layout a dataset read from ``--data-root`` expects (None for others)."""
-    return {"mnist": _MNIST_LAYOUT, "cifar10": _CIFAR_LAYOUT, "gtsrb": _GTSRB_LAYOUT,
-            "imagefolder": _FOLDER_LAYOUT}.get(name)
