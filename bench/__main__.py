@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bench._setup import FULL, QUICK, Sizes, make_workload
-from zoo.runtime import pick_device
+from zoo.runtime import keep_freed_memory, pick_device
 
 BENCHES = ("trial", "reference", "overhead", "packing", "scaling")
 
@@ -193,6 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_freed_memory()  # as the tool's commands and trials do (zoo.runtime)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
+    from zoo.runtime import keep_freed_memory
+
+    keep_freed_memory()  # victims, final evaluations: reuse freed activations (zoo.runtime)
     try:
         return int(module.main(args) or 0)
     except _user_errors() as exc:

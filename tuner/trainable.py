@@ -176,6 +176,9 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
     """One configuration on every victim; reports after each epoch (see module docstring)."""
     import torch
 
+    from zoo.runtime import keep_freed_memory
+
+    keep_freed_memory()  # per process; repeating it in a reused worker changes nothing
     torch.set_num_threads(torch_threads(spec_dict["cpus_per_trial"]))
     device = torch.device("cuda" if spec_dict["gpus_per_trial"] > 0
                           and torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ import torch
 
 from zoo.data import DatasetInfo, Split
 from zoo.loader import normalize
-from zoo.runtime import Precision, autocast, to_device_layout
+from zoo.runtime import Precision, autocast, eval_batch_size, to_device_layout
 
 __all__ = ["Metrics", "der", "evaluate", "predict"]
 
@@ -37,10 +37,12 @@ def predict(
     info: DatasetInfo,
     *,
     device: torch.device,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     precision: Precision = "auto",
 ) -> torch.Tensor:
-    """Predicted labels for uint8 images ``x``, in large batches, on ``device``."""
+    """Predicted labels for uint8 images ``x``, in batches of ``batch_size`` (None: the
+    device's :func:`zoo.runtime.eval_batch_size`), on ``device``."""
+    batch_size = batch_size or eval_batch_size(torch.device(device))
     was_training = model.training
     model.eval()
     out = []
@@ -61,7 +63,7 @@ def evaluate(
     info: DatasetInfo,
     *,
     device: torch.device,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     precision: Precision = "auto",
 ) -> Metrics:
     """``triggered`` holds triggered non-target images with their *true* labels."""

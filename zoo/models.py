@@ -6,6 +6,8 @@
   CIFAR-10, GTSRB) are pooled once more right after the first convolution, so the network runs
   at most at 16 x 16 past its first layer: 3.6x fewer multiply-adds at 32 x 32, which keeps it the
   fast CPU model there too. The first convolution still sees every pixel (a 3 x 3 patch trigger).
+  Where a max-pool follows a block, its ReLU runs after the pool: the same function and
+  gradients (ReLU is monotonic) on a quarter of the elements.
 - ``preact-resnet18``: PreAct-ResNet18 as in BackdoorBench's ``models/preact_resnet.py``
   (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016): 3x3 stride-1 stem
   with 64 channels, no max-pool, 2-2-2-2 pre-activation blocks of 64/128/256/512 channels,
@@ -35,8 +37,15 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_bn(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+def _pool_relu() -> nn.Sequential:
+    """Max-pool, then ReLU: the values and gradients of ReLU then max-pool (ReLU is monotonic,
+    so it commutes with a max), on a quarter of the elements."""
+    return nn.Sequential(nn.MaxPool2d(2), nn.ReLU(inplace=True))
 
 
 class SmallCNN(Classifier):
@@ -46,15 +55,17 @@ class SmallCNN(Classifier):
     def __init__(self, channels: int, num_classes: int, width: int = 32, size: int = 16) -> None:
         super().__init__()
         w = width
-        stem_pool = [nn.MaxPool2d(2)] if size > self.MAX_INNER_SIZE else []
+        # conv-BN-ReLU blocks; where a pool follows, the block's ReLU moves after the pool.
+        # Parameter names are those of the plain conv-BN-ReLU-pool layout (body.0.0, body.0.1, ...).
+        stem_pool = size > self.MAX_INNER_SIZE
         self.body = nn.Sequential(
-            _conv_bn(channels, w),
-            *stem_pool,
-            _conv_bn(w, w),
-            nn.MaxPool2d(2),
+            _conv_bn(channels, w, relu=not stem_pool),
+            *([_pool_relu()] if stem_pool else []),
+            _conv_bn(w, w, relu=False),
+            _pool_relu(),
             _conv_bn(w, 2 * w),
-            _conv_bn(2 * w, 2 * w),
-            nn.MaxPool2d(2),
+            _conv_bn(2 * w, 2 * w, relu=False),
+            _pool_relu(),
             _conv_bn(2 * w, 4 * w),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),

@@ -12,15 +12,18 @@ a CPU at equal ACC and ASR). Elsewhere (an AVX2-only CPU, where bf16 is emulated
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import platform
 import random
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "pick_device", "prepare_model",
-           "reproducible_precision", "seed_everything", "to_device_layout", "use_bf16"]
+__all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "eval_batch_size",
+           "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
+           "seed_everything", "to_device_layout", "use_bf16"]
 
 Precision = str  # "auto" | "fp32" | "bf16"
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -96,3 +99,36 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 def to_device_layout(x: torch.Tensor) -> torch.Tensor:
     """A batch of images in the layout the prepared models run fastest on (channels_last)."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """Images per evaluation batch: large on CUDA (fewer launches); 128 on CPU, where a batch's
+    activations should stay in the caches and in reused heap memory: on 2 cores, 19,000 images
+    through the cnn took 3.6 s in batches of 1,024 and 1.9 s in batches of 128."""
+    return 1024 if device.type == "cuda" else 128
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_KEEP_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse, as CUDA's caching
+    allocator does, instead of handing them back to the kernel.
+
+    By default glibc serves each block above 32 MiB with a fresh ``mmap`` and unmaps it on
+    ``free``: a PreAct-ResNet18 batch of 128 has 32 MiB activations, so every training step
+    page-faulted and zeroed its memory anew (600,000-950,000 page faults in one epoch against
+    300,000 with this set). A process setting, like torch's thread count: call it once from a
+    command's entry point or a worker. Returns False (and changes nothing) off glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
