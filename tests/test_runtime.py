@@ -67,7 +67,8 @@ def test_victims_train_in_fp32_on_cpu_unless_asked() -> None:
 def test_cnn_pools_after_its_first_convolution_only_above_16_pixels() -> None:
     def pools(size: int) -> int:
         info = DatasetInfo("toy", 1, size, 10, (0.5,), (0.5,), hflip=False, pad=2)
-        return sum(isinstance(m, torch.nn.MaxPool2d) for m in build_model("cnn", info).body.modules())
+        body = build_model("cnn", info).body
+        return sum(isinstance(m, torch.nn.MaxPool2d) for m in body.modules())
 
     assert pools(16) == 2 and pools(28) == 3 and pools(32) == 3
 
@@ -112,7 +113,8 @@ from zoo.runtime import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 torch.manual_seed(0)
 torch.set_num_threads(1)
-model = build_model("cnn", DatasetInfo("toy", 3, 32, 10, (0.5,) * 3, (0.5,) * 3, hflip=False, pad=4))
+info = DatasetInfo("toy", 3, 32, 10, (0.5,) * 3, (0.5,) * 3, hflip=False, pad=4)
+model = build_model("cnn", info)
 x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))  # 32 MiB activations
 def step():
     model.zero_grad(set_to_none=True)
@@ -156,8 +158,13 @@ def test_evaluation_by_the_device_batch_counts_every_image_once() -> None:
     info = DatasetInfo("toy", 1, 8, 10, (0.5,), (0.5,), hflip=False, pad=0)
     torch.manual_seed(0)
     model = build_model("cnn", info)
-    clean = Split(torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8), torch.randint(0, 10, (300,)))
-    bd = Split(torch.randint(0, 256, (170, 1, 8, 8), dtype=torch.uint8), torch.randint(1, 10, (170,)))
-    by_device = evaluate(model, clean, bd, 0, info, device=CPU, precision="fp32")  # 128: 3 and 2 batches
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8)
+
+    clean = Split(images(300), torch.randint(0, 10, (300,)))
+    bd = Split(images(170), torch.randint(1, 10, (170,)))
+    # 128 on CPU: 3 and 2 batches, the last ones partial
+    by_device = evaluate(model, clean, bd, 0, info, device=CPU, precision="fp32")
     one_batch = evaluate(model, clean, bd, 0, info, device=CPU, precision="fp32", batch_size=1024)
     assert by_device == one_batch
