@@ -120,13 +120,19 @@ def compare(w: Workload, arch: str, *, epochs: int = 10, workers: int = 2,
     cpu = torch.device("cpu")
     ref = run_reference(w, arch, epochs=epochs, workers=workers, seed=seed)
     ours = run_ours(w, arch, cpu, precision="auto", epochs=epochs, seed=seed)
+    return _summary(ours["seconds"], ref["seconds"], ours, ref,
+                    [dict(ref, loop="reference"), dict(ours, loop="ours")])
+
+
+def _summary(ours_s: float, ref_s: float, ours: dict[str, Any], ref: dict[str, Any],
+             runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON shape of ``compare`` and ``over_seeds``: times, ratio, ACC/ASR and their gaps."""
+    ours, ref = {k: ours[k] for k in ("acc", "asr")}, {k: ref[k] for k in ("acc", "asr")}
     return {
-        "ours_seconds": ours["seconds"], "reference_seconds": ref["seconds"],
-        "ratio": ref["seconds"] / ours["seconds"],
-        "ours": {"acc": ours["acc"], "asr": ours["asr"]},
-        "reference": {"acc": ref["acc"], "asr": ref["asr"]},
+        "ours_seconds": ours_s, "reference_seconds": ref_s, "ratio": ref_s / ours_s,
+        "ours": ours, "reference": ref,
         "acc_gap": abs(ours["acc"] - ref["acc"]), "asr_gap": abs(ours["asr"] - ref["asr"]),
-        "runs": [dict(ref, loop="reference"), dict(ours, loop="ours")],
+        "runs": runs,
     }
 
 
@@ -142,14 +148,9 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     def mean(loop: str, key: str) -> float:
         return sum(r[loop][key] for r in per_seed) / len(per_seed)
 
-    ours_s = sum(r["ours_seconds"] for r in per_seed)
-    ref_s = sum(r["reference_seconds"] for r in per_seed)
-    ours = {"acc": mean("ours", "acc"), "asr": mean("ours", "asr")}
-    ref = {"acc": mean("reference", "acc"), "asr": mean("reference", "asr")}
-    return {
-        "ours_seconds": ours_s, "reference_seconds": ref_s, "ratio": ref_s / ours_s,
-        "ours": ours, "reference": ref,
-        "acc_gap": abs(ours["acc"] - ref["acc"]), "asr_gap": abs(ours["asr"] - ref["asr"]),
-        "runs": [dict(run, seed=r["seed"]) for r in per_seed for run in r["runs"]],
-        "seeds": per_seed,
-    }
+    out = _summary(sum(r["ours_seconds"] for r in per_seed),
+                   sum(r["reference_seconds"] for r in per_seed),
+                   {"acc": mean("ours", "acc"), "asr": mean("ours", "asr")},
+                   {"acc": mean("reference", "acc"), "asr": mean("reference", "asr")},
+                   [dict(run, seed=r["seed"]) for r in per_seed for run in r["runs"]])
+    return {**out, "seeds": per_seed}

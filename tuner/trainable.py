@@ -178,7 +178,7 @@ def trial(config: dict[str, Any], *, victims: list[Any], splits: Any, spec_dict:
 
     from zoo.runtime import keep_freed_memory
 
-    keep_freed_memory()  # per process; repeating it in a reused worker changes nothing
+    keep_freed_memory()  # once per worker process; a reused worker's later trials skip it
     torch.set_num_threads(torch_threads(spec_dict["cpus_per_trial"]))
     device = torch.device("cuda" if spec_dict["gpus_per_trial"] > 0
                           and torch.cuda.is_available() else "cpu")

@@ -117,6 +117,7 @@ _M_MMAP_THRESHOLD = -3
 _KEEP_BYTES = 1 << 30
 
 
+@functools.cache  # a process setting: applied once; later calls (each trial) are free
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed blocks of up to 1 GiB for reuse, as CUDA's caching
     allocator does, instead of handing them back to the kernel.
