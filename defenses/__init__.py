@@ -3,7 +3,9 @@
 Each defense module exports ``NAME``, a frozen ``Config`` dataclass (paper defaults),
 ``OVERRIDES`` (small per-dataset diffs, each with a one-line why) and
 ``run(model, clean, info, cfg, *, seed, device, precision="auto") -> Iterator[EpochResult]``,
-which fine-tunes ``model`` in place and yields after each epoch. No defense imports ray or optuna.
+which fine-tunes ``model`` in place and yields after each epoch. FST's baselines (``ft_init``,
+``lp``, ``fe_tuning``) are modes of ``fst.py``'s loop, registered here under their own names.
+No defense imports ray or optuna.
 
 >>> from defenses import get_defense, make_config
 >>> cfg = make_config("fst", {"alpha": 0.1}, dataset="digits")
@@ -13,19 +15,14 @@ which fine-tunes ``model`` in place and yields after each epoch. No defense impo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
-from defenses import fe_tuning, fst, ft, ft_init, ftsam, lp, ngf, sft
-from defenses._engine import (
-    ConfigError,
-    EpochResult,
-    build_config,
-    config_asdict,
-    config_fields,
-)
+from defenses import fst, ft, ftsam, ngf, sft
+from defenses._config import ConfigError, build_config, config_asdict, config_fields
+from defenses._engine import EpochResult
 
 __all__ = [
     "REGISTRY",
@@ -51,18 +48,35 @@ class Defense:
     doc: str
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
+    @property
+    def summary(self) -> str:
+        """The first line of the defense's docs."""
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
 
-def _registry(modules: Sequence[ModuleType]) -> dict[str, Defense]:
+
+def _registry(defenses: list[Defense]) -> dict[str, Defense]:
     out: dict[str, Defense] = {}
-    for mod in modules:
-        if mod.NAME in out:
-            raise ValueError(f"defense name {mod.NAME!r} registered twice: expected unique names")
-        doc = (mod.__doc__ or "").strip()
-        out[mod.NAME] = Defense(mod.NAME, mod.Config, mod.run, doc, mod.OVERRIDES)
+    for d in defenses:
+        if d.name in out:
+            raise ValueError(f"defense name {d.name!r} registered twice: expected unique names")
+        out[d.name] = d
     return out
 
 
-REGISTRY: dict[str, Defense] = _registry([ft, ftsam, fst, ft_init, lp, fe_tuning, ngf, sft])
+def _module(mod: Any) -> Defense:
+    return Defense(mod.NAME, mod.Config, mod.run, (mod.__doc__ or "").strip(), mod.OVERRIDES)
+
+
+def _fst_mode(name: str) -> Defense:
+    mode = fst.MODES[name]
+    return Defense(name, fst.BaselineConfig, functools.partial(fst.run_mode, mode), mode.doc,
+                   fst.BASELINE_OVERRIDES)
+
+
+REGISTRY: dict[str, Defense] = _registry([
+    _module(ft), _module(ftsam), _module(fst), _fst_mode("ft_init"), _fst_mode("lp"),
+    _fst_mode("fe_tuning"), _module(ngf), _module(sft),
+])
 
 
 def get_defense(name: str) -> Defense:

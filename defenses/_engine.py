@@ -2,9 +2,7 @@
 
 What is here exists once:
 
-- configs: :class:`ConfigError`, :func:`build_config` (paper defaults, then a dataset's override
-  diff, then the caller's params, each key and type checked), :func:`config_fields`,
-  :func:`config_asdict` and small value checks used by each ``Config.__post_init__``;
+- configs: re-exported from :mod:`defenses._config` (one type system for every ``Config``);
 - parameters: :func:`select_trainable` (all / head / backbone via ``requires_grad``, frozen parts
   in eval mode), :func:`reinit_head` (PyTorch's default ``nn.Linear`` init, seeded);
 - schedules: the lr "at global step t" helpers :func:`cosine_lr` and :func:`multistep_lr`
@@ -21,17 +19,15 @@ never raises for divergence.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import numbers
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
+from defenses._config import ConfigError, check, check_common
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader, augment, normalize
 from zoo.runtime import PRECISIONS, prepare_model, to_device_layout
@@ -40,11 +36,8 @@ __all__ = [
     "ConfigError",
     "EpochResult",
     "Trainable",
-    "build_config",
     "check",
     "check_common",
-    "config_asdict",
-    "config_fields",
     "cosine_lr",
     "fit",
     "multistep_lr",
@@ -57,10 +50,6 @@ Trainable = Literal["all", "head", "backbone"]
 TRAINABLE = ("all", "head", "backbone")
 
 
-class ConfigError(ValueError):
-    """A defense name, config key, type or value that is not accepted."""
-
-
 @dataclass(frozen=True)
 class EpochResult:
     """What a defense reports after each epoch."""
@@ -69,112 +58,6 @@ class EpochResult:
     loss: float  # mean training loss over the epoch's steps (non-finite when diverged)
     lr: float  # learning rate of the epoch's last step
     diverged: bool  # a non-finite loss or parameter appeared; the run stops after this result
-
-
-# =============================================================================================
-# Configs
-# =============================================================================================
-
-
-def check(ok: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(message)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(name: str, key: str, value: Any, tp: Any) -> Any:
-    """``value`` as field type ``tp``; int is accepted for float, bool only for bool."""
-    bad = ConfigError(
-        f"{name}: {key}={value!r} ({type(value).__name__}) is not valid: expected {_type_name(tp)}"
-    )
-    if typing.get_origin(tp) is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
-            return value
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if isinstance(value, bool):  # bool is an int subclass: never a number here
-        raise bad
-    if tp is int:
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, numbers.Real):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{name}: field {key} has unsupported type {tp!r}")
-
-
-def config_types(cfg_cls: type) -> dict[str, Any]:
-    """Field name -> resolved type annotation of a config dataclass."""
-    hints = typing.get_type_hints(cfg_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cfg_cls)}
-
-
-def build_config(
-    cfg_cls: type,
-    name: str,
-    overrides: Mapping[str, Mapping[str, Any]],
-    params: Mapping[str, Any] | None = None,
-    *,
-    dataset: str | None = None,
-) -> Any:
-    """Paper defaults, then ``overrides[dataset]``, then ``params``; keys and types checked."""
-    types = config_types(cfg_cls)
-    values: dict[str, Any] = {}
-    layers = [overrides.get(dataset, {}) if dataset is not None else {}, params or {}]
-    for layer in layers:
-        for key, value in layer.items():
-            if key not in types:
-                raise ConfigError(
-                    f"{name}: unknown config key {key!r} (value {value!r}): expected one of "
-                    + ", ".join(types)
-                )
-            values[key] = _coerce(name, key, value, types[key])
-    return cfg_cls(**values)
-
-
-def config_fields(cfg_cls: type) -> dict[str, dict[str, Any]]:
-    """JSON-able description: field -> {"type", "default"[, "choices"]}."""
-    out: dict[str, dict[str, Any]] = {}
-    for f in dataclasses.fields(cfg_cls):
-        tp = config_types(cfg_cls)[f.name]
-        entry: dict[str, Any] = {"default": f.default}
-        if typing.get_origin(tp) is Literal:
-            entry.update(type="str", choices=list(typing.get_args(tp)))
-        else:
-            entry["type"] = tp.__name__
-        out[f.name] = entry
-    return out
-
-
-def config_asdict(cfg: Any) -> dict[str, Any]:
-    """A config as a plain JSON-able dict."""
-    return dataclasses.asdict(cfg)
-
-
-def check_common(cfg: Any) -> None:
-    """Checks every config shares: epochs, batch size, lr-like and regularization fields."""
-    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1")
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1")
-    for key in ("lr", "weight_decay", "momentum"):
-        v = getattr(cfg, key, 0.0)
-        check(v >= 0.0 and math.isfinite(v), f"{key}={v}: expected a finite number >= 0")
-    momentum = getattr(cfg, "momentum", 0.0)
-    check(momentum < 1.0, f"momentum={momentum}: expected a number < 1")
 
 
 # =============================================================================================

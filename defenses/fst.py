@@ -97,18 +97,25 @@ class Config(BaselineConfig):
 
 @dataclass(frozen=True)
 class Mode:
-    """What distinguishes FST from its baselines."""
+    """What distinguishes FST from its baselines (the official script's ``--ft_mode``)."""
 
     reinit_head: bool
     trainable: E.Trainable
     shift_penalty: bool
+    doc: str  #: one line for ``--help`` and the registry
 
 
+# Each mode is registered as its own defense (defenses/__init__.py); the baselines use
+# ``BaselineConfig`` and ``BASELINE_OVERRIDES``.
 MODES: dict[str, Mode] = {
-    "fst": Mode(reinit_head=True, trainable="all", shift_penalty=True),
-    "ft_init": Mode(reinit_head=True, trainable="all", shift_penalty=False),
-    "lp": Mode(reinit_head=False, trainable="head", shift_penalty=False),
-    "fe_tuning": Mode(reinit_head=True, trainable="backbone", shift_penalty=False),
+    "fst": Mode(reinit_head=True, trainable="all", shift_penalty=True,
+                doc="FST: re-initialized head, all layers, alpha <W, W_ori> shift penalty"),
+    "ft_init": Mode(reinit_head=True, trainable="all", shift_penalty=False,
+                    doc="FT-init (FST's baseline): re-initialized head, all layers, plain CE"),
+    "lp": Mode(reinit_head=False, trainable="head", shift_penalty=False,
+               doc="LP (FST's baseline): linear probing, the head only, backbone frozen"),
+    "fe_tuning": Mode(reinit_head=True, trainable="backbone", shift_penalty=False,
+                      doc="FE-tuning (FST's baseline): re-initialized frozen head, backbone only"),
 }
 
 

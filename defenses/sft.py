@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from defenses import _engine as E
 from defenses.ft import ft_step
 from zoo.data import DatasetInfo, Split

@@ -77,7 +77,7 @@ def test_registry_holds_exactly_the_documented_defenses():
 
 def test_duplicate_registration_is_refused():
     with pytest.raises(ValueError, match="'ft' registered twice"):
-        defenses._registry([defenses.ft, defenses.ft])
+        defenses._registry([defenses._module(defenses.ft)] * 2)
 
 
 def test_unknown_defense_lists_the_known_names():

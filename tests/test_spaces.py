@@ -107,7 +107,7 @@ BAD = {
     "inverted range": ("defense: ft\nparams:\n  lr: {type: float, low: 0.5, high: 0.1}\n",
                        "params.lr: empty range"),
     "log non-positive": ("defense: ft\nparams:\n  lr: {type: float, low: 0.0, high: 0.1, log: true}\n",
-                         "params.lr: log scale needs low > 0"),
+                         "params.lr: `low > 0` must hold for `log=True`"),
     "int non-integer bound": ("defense: ft\nparams:\n  epochs: {type: int, low: 1.5, high: 10}\n",
                               "params.epochs.low = 1.5: expected an integer"),
     "empty choices": ("defense: ftsam\nparams:\n  label_smoothing: {type: categorical, choices: []}\n",

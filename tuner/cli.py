@@ -13,7 +13,10 @@ import importlib
 import sys
 from typing import NoReturn
 
+from defenses import ConfigError
 from tuner.errors import UsageError
+from zoo.data import DataError
+from zoo.runtime import keep_freed_memory
 
 COMMANDS = {
     "search": ("tuner.cmd_search", "run a hyperparameter search (the default command)"),
@@ -23,17 +26,8 @@ COMMANDS = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from zoo.data import DataError
-
-    errors: list[type[BaseException]] = [UsageError, DataError]
-    try:
-        from defenses import ConfigError
-
-        errors.append(ConfigError)
-    except ImportError:
-        pass
-    return tuple(errors)
+# Bad input, printed as one line and exit status 2.
+USER_ERRORS = (UsageError, DataError, ConfigError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,12 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    from zoo.runtime import keep_freed_memory
-
     keep_freed_memory()  # victims, final evaluations: reuse freed activations (zoo.runtime)
     try:
         return int(module.main(args) or 0)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,87 +1,114 @@
-"""``python -m tuner evaluate --defense NAME [--params JSON_OR_FILE]``: one configuration, every
-victim, measured on test.
+"""``python -m tuner evaluate [--defense NAME] [--params JSON_OR_FILE]``: one configuration on
+every victim, measured on test, over ``--seeds`` defense seeds.
 
 ``--params`` takes inline JSON (``'{"lr": 0.02}'``) or the path of a JSON file holding either
 a flat ``{param: value}`` object or an object with a ``"params"`` key -- so the
-``best_config.json`` a report writes can be passed as is. Everything is validated (defense,
-params, attacks, data flags) before any victim is built.
+``best_config.json`` a report writes can be passed as is, and then names the defense.
+``--seed`` chooses the split and the victims; the defense runs with seeds ``--defense-seed``
+(default: ``--seed``) up to ``+ --seeds - 1``, as a search's final evaluation does, so a report's
+test numbers can be reproduced. Everything is validated before any victim is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner._flags import DEFAULT_SEARCH_ATTACKS, add_data_flags, check_common, zoo_spec
+from defenses import REGISTRY, make_config
+from tuner import flags
 from tuner.errors import UsageError
+from zoo.victims import ZooSpec, get_victims
+
+MAX_PARAMS_BYTES = 1 << 20  # a best_config.json is a few hundred bytes
+
+
+@dataclass(frozen=True)
+class EvaluateCommand:
+    defense: str | None = field(default=None, metadata={
+        "help": "defense to run", "choices": tuple(REGISTRY),
+        "default_text": "the 'defense' of the --params file"})
+    params: str | None = field(default=None, metadata={
+        "help": "config overrides over the paper defaults: inline JSON or a JSON file (a flat "
+                "object, or one with a 'params' key such as a run's best_config.json)",
+        "metavar": "JSON_OR_FILE"})
+    seeds: int = field(default=1, metadata={
+        "help": "defense seeds to run, from --defense-seed on; the summary gives mean ± std"})
+    defense_seed: int | None = field(default=None, metadata={
+        "help": "first seed of the defense's own randomness (batch order, head init)",
+        "default_text": "--seed, as a search's final evaluation"})
+    zoo: ZooSpec = field(default_factory=ZooSpec, metadata={"title": "data and victims"})
+    json: bool = field(default=False, metadata={"help": "print only JSON on stdout"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise UsageError(f"--seeds {self.seeds!r}: expected a whole number >= 1")
+        if self.defense_seed is not None and not 0 <= self.defense_seed <= 2**31 - 1:
+            raise UsageError(f"--defense-seed {self.defense_seed}: expected 0..{2**31 - 1}")
+
+    @property
+    def first_seed(self) -> int:
+        return self.zoo.seed if self.defense_seed is None else self.defense_seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--defense", required=True, help="defense to run at its paper defaults: ft, ftsam, fst, ft_init, lp, fe_tuning, "
-                             "ngf or sft")
-    parser.add_argument("--params", default=None, metavar="JSON_OR_FILE",
-                        help="config overrides: inline JSON or a JSON file (a flat object or "
-                             "one with a 'params' key, e.g. a run's best_config.json)")
-    parser.add_argument("--attacks", default=DEFAULT_SEARCH_ATTACKS,
-                        help=f"comma-separated attacks whose victims to defend (default {DEFAULT_SEARCH_ATTACKS})")
-    parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
-    add_data_flags(parser)
+    flags.add_flags(parser, EvaluateCommand)
 
 
-def parse_params(text: str | None) -> dict[str, Any]:
-    """Inline JSON, or a JSON file (flat, or with a "params" key); raises UsageError."""
+def parse_params(text: str | None) -> tuple[dict[str, Any], str | None]:
+    """``(params, defense named by the file or None)`` from inline JSON or a JSON file (flat,
+    or with a "params" key); raises UsageError."""
     if text is None:
-        return {}
+        return {}, None
     try:
         data = json.loads(text)
         where = "--params"
     except json.JSONDecodeError:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise UsageError(f"--params {text!r}: neither JSON nor a readable file: expected "
-                             "e.g. '{\"lr\": 0.01}' or a best_config.json") from None
+            raise UsageError(f"--params {text[:200]!r}: neither JSON nor a readable file: "
+                             "expected e.g. '{\"lr\": 0.01}' or a best_config.json") from None
+        if path.stat().st_size > MAX_PARAMS_BYTES:
+            raise UsageError(f"--params {str(path)!r}: larger than {MAX_PARAMS_BYTES} bytes: "
+                             "expected a small JSON file such as best_config.json")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise UsageError(f"--params {str(path)!r}: not a JSON file ({exc})") from None
         where = f"--params {str(path)!r}"
+    defense = None
     if isinstance(data, dict) and isinstance(data.get("params"), dict):
+        defense = data.get("defense")
         data = data["params"]
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a JSON object of param -> value, got {data!r}")
-    return data
+        raise UsageError(f"{where}: expected a JSON object of param -> value, "
+                         f"got {type(data).__name__}")
+    if defense is not None and defense not in REGISTRY:
+        raise UsageError(f"{where}: defense {str(defense)[:50]!r}: expected one of "
+                         f"{', '.join(REGISTRY)}")
+    return data, defense
 
 
-def _validate(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
-    from defenses import REGISTRY, make_config
-
-    if args.defense not in REGISTRY:
-        raise UsageError(f"unknown defense {args.defense!r}: expected one of {', '.join(REGISTRY)}")
-    params = parse_params(args.params)
-    cfg = make_config(args.defense, params, dataset=args.dataset)  # ConfigError -> exit 2
-    check_common(args)
-    if not args.attacks:
-        raise UsageError("--attacks is empty: expected at least one attack, e.g. badnets")
-    return params, cfg
-
-
-def _victims(args: argparse.Namespace) -> tuple[list[Any], Any]:
-    from zoo.data import load_splits
-    from zoo.victims import get_victims
-
-    splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
-                         clean_ratio=args.clean_ratio, download=args.download)
-    spec = zoo_spec(args)
-    victims = get_victims(spec, list(args.attacks), splits=splits, device=args.device,
-                          progress=not args.json)
-    return victims, splits
+def resolve(cmd: EvaluateCommand) -> tuple[str, dict[str, Any], Any]:
+    """(defense, params, config) with every check done; raises UsageError or ConfigError."""
+    params, named = parse_params(cmd.params)
+    if cmd.defense is not None and named is not None and named != cmd.defense:
+        raise UsageError(f"--defense {cmd.defense} but --params is a {named} configuration: "
+                         "expected the same defense (or leave --defense out)")
+    defense = cmd.defense or named
+    if defense is None:
+        raise UsageError("--defense is required unless --params names one "
+                         "(e.g. a run's best_config.json)")
+    return defense, params, make_config(defense, params, dataset=cmd.zoo.dataset)
 
 
 def format_table(result: dict[str, dict[str, Any]]) -> str:
-    """ACC/ASR/RA before -> after, DER and seconds per attack."""
+    """ACC/ASR/RA before -> after, DER and seconds per attack (one seed)."""
     head = f"{'attack':<10} {'ACC':>15} {'ASR':>15} {'RA':>15} {'DER':>6} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for attack, r in result.items():
@@ -93,23 +120,47 @@ def format_table(result: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    import dataclasses
+def summary(runs: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[float, float]]:
+    """Mean ± std over seeds of the per-seed mean (over attacks) ACC and ASR, before and after."""
+    def stat(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
+    def per_seed(part: str, key: str) -> list[float]:
+        return [statistics.fmean(r[part][key] for r in run.values()) for run in runs]
+
+    return {f"{part} {key}": stat(per_seed(part, key))
+            for part in ("before", "after") for key in ("acc", "asr")}
+
+
+def main(args: argparse.Namespace) -> int:
     from tuner.evaluation import run_config
 
-    params, cfg = _validate(args)
-    victims, splits = _victims(args)
-    result = run_config(args.defense, params, victims, splits, seed=args.seed,
-                        device=args.device, split="test", precision=args.precision)
-    if args.json:
-        per_attack = {a: {"before": {k: r["before"][k] for k in ("acc", "asr", "ra")},
-                          "after": r["after"], "seconds": r["seconds"]} for a, r in result.items()}
-        out = {"defense": args.defense, "params": dataclasses.asdict(cfg), "per_attack": per_attack}
+    cmd = flags.build(EvaluateCommand, args)
+    defense, params, cfg = resolve(cmd)
+    splits = cmd.zoo.load_splits()
+    victims = get_victims(cmd.zoo, splits=splits, progress=not cmd.json)
+    seeds = list(range(cmd.first_seed, cmd.first_seed + cmd.seeds))
+    runs = []
+    for seed in seeds:
+        runs.append(run_config(defense, params, victims, splits, seed=seed,
+                               device=cmd.zoo.device, split="test", precision=cmd.zoo.precision))
+        if not cmd.json:
+            print(f"{defense} on {cmd.zoo.dataset}/{cmd.zoo.arch}, victims from seed "
+                  f"{cmd.zoo.seed}, defense seed {seed}, test split (percent)")
+            print(format_table(runs[-1]))
+    stats = summary(runs)
+    if cmd.json:
+        out = {"defense": defense, "params": dataclasses.asdict(cfg), "victim_seed": cmd.zoo.seed,
+               "defense_seeds": seeds, "summary": {k: {"mean": m, "std": s}
+                                                   for k, (m, s) in stats.items()},
+               "runs": [{a: {k: r[k] for k in ("before", "after", "seconds", "diverged")}
+                         for a, r in run.items()} for run in runs]}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"{args.defense} on {args.dataset}/{args.arch}, seed {args.seed}, test split (percent)")
     print(f"config: {json.dumps(dataclasses.asdict(cfg), sort_keys=True)}")
-    print(format_table(result))
+    (acc0, _), (asr0, _) = stats["before acc"], stats["before asr"]
+    (acc, acc_sd), (asr, asr_sd) = stats["after acc"], stats["after asr"]
+    print(f"summary over {len(victims)} attacks and {len(seeds)} seed(s): mean ACC "
+          f"{acc0:.1f} -> {acc:.1f} ± {acc_sd:.1f}, mean ASR {asr0:.1f} -> {asr:.1f} ± {asr_sd:.1f}")
     return 0

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tuner import flags
+
+
+@dataclass(frozen=True)
+class ReportCommand:
+    run_dir: Path = field(metadata={"help": "a run directory written by 'python -m tuner' "
+                                            "(holds spec.json, trials.json, final.json)",
+                                    "positional": True, "metavar": "RUN_DIR"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                        help="a run directory written by 'python -m tuner' (holds spec.json, "
-                             "trials.json, final.json)")
+    flags.add_flags(parser, ReportCommand)
 
 
 def main(args: argparse.Namespace) -> int:
     from tuner.report import write_report
 
-    path = write_report(args.run_dir)
-    print(path)
+    cmd = flags.build(ReportCommand, args)
+    print(write_report(cmd.run_dir))
     return 0

@@ -1,6 +1,6 @@
 """``python -m tuner zoo``: build (or load) the victims and print their no-defense metrics.
 
-    python -m tuner zoo --dataset digits --attacks none,badnets,blended,wanet,sig
+    python -m tuner zoo --dataset digits --attacks badnets,blended,wanet,sig
     python -m tuner zoo --attacks badnets --json        # only a JSON list on stdout
 
 Progress goes to stderr; stdout holds the table (or, with ``--json``, only the JSON list).
@@ -12,24 +12,25 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from tuner._flags import add_data_flags, check_common, zoo_spec
-from tuner.errors import UsageError
+from tuner import flags
+from zoo.victims import Victim, ZooSpec, get_victims, prepare_attacks
 
-DEFAULT_ZOO_ATTACKS = "none,badnets,blended,wanet,sig"
+
+@dataclass(frozen=True)
+class ZooCommand:
+    zoo: ZooSpec = field(default_factory=ZooSpec, metadata={"title": "data and victims"})
+    json: bool = field(default=False, metadata={
+        "help": "print only a JSON list of the victims' metrics on stdout"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_data_flags(parser)
-    parser.add_argument("--attacks", default=DEFAULT_ZOO_ATTACKS,
-                        help="comma-separated attacks to build or load ('none' = the clean model; "
-                             f"default {DEFAULT_ZOO_ATTACKS})")
-    parser.add_argument("--json", action="store_true",
-                        help="print only a JSON list of the victims' metrics on stdout")
+    flags.add_flags(parser, ZooCommand)
 
 
-def _row(v: Any) -> dict[str, Any]:
+def _row(v: Victim) -> dict[str, Any]:
     test, val = v.metrics["test"], v.metrics["val"]
     return {
         "attack": v.attack, "dataset": v.dataset, "arch": v.arch, "target": v.target,
@@ -51,33 +52,24 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['attack']:<10} {_rate(r['poison_rate']):>5} {r['val_acc']:7.2f} {r['val_asr']:7.2f} {r['val_ra']:7.2f}  "
-            f"{r['acc']:6.2f} {r['asr']:6.2f} {r['ra']:6.2f} {r['seconds']:8.3f}  "
-            f"{'built' if r['built'] else 'loaded'}"
-        )
+            f"{r['attack']:<10} {_rate(r['poison_rate']):>5} {r['val_acc']:7.2f} "
+            f"{r['val_asr']:7.2f} {r['val_ra']:7.2f}  {r['acc']:6.2f} {r['asr']:6.2f} "
+            f"{r['ra']:6.2f} {r['seconds']:8.3f}  {'built' if r['built'] else 'loaded'}")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    check_common(args)
-    from zoo.data import load_splits
-    from zoo.victims import get_victims, prepare_attacks
-
-    spec = zoo_spec(args)
-    splits = load_splits(args.dataset, data_root=args.data_root, seed=args.seed,
-                         clean_ratio=args.clean_ratio, download=args.download)
-    try:
-        prepare_attacks(spec, list(args.attacks), splits)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    cmd = flags.build(ZooCommand, args)
+    spec = cmd.zoo
+    splits = spec.load_splits()
+    prepare_attacks(spec, None, splits)  # every attack checked before anything is trained
     start = time.perf_counter()
-    victims = get_victims(spec, list(args.attacks), splits=splits, device=args.device, progress=True)
-    rows = [_row(v) for v in victims]
-    if args.json:
+    rows = [_row(v) for v in get_victims(spec, splits=splits, progress=True)]
+    if cmd.json:
         json.dump(rows, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(f"{args.dataset} / {args.arch}, target 0 (metrics in %, ACC/ASR/RA on test; "
+        print(f"{spec.dataset} / {spec.arch}, target 0 (metrics in %, ACC/ASR/RA on test; "
               "rate = poison rate)")
         print(_table(rows))
         print(f"total {time.perf_counter() - start:.1f} s")

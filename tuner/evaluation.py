@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DIVERGED_METRICS", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
+__all__ = ["DIVERGED_METRICS", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 
@@ -34,6 +34,12 @@ def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str 
     if max_epochs is not None and cfg.epochs > max_epochs:
         cfg = dataclasses.replace(cfg, epochs=int(max_epochs))
     return cfg
+
+
+def planned_epochs(defense: str, params: Mapping[str, Any] | None, dataset: str,
+                   max_epochs: int | None) -> int:
+    """The epochs a configuration runs: its ``epochs``, capped at ``max_epochs``."""
+    return int(resolve_config(defense, params, dataset, max_epochs).epochs)
 
 
 def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, info: Any,

@@ -17,13 +17,15 @@ All scores are in percentage points. A diverged trial reports the finite sentine
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "DIVERGED_SCORE",
     "DIVERGED_VALUES",
     "OBJECTIVES",
+    "Objective",
     "check_objective",
     "describe",
     "diverged_values",
@@ -34,7 +36,8 @@ __all__ = [
     "values",
 ]
 
-OBJECTIVES = ("mean", "worst", "der", "pareto")
+Objective = Literal["mean", "worst", "der", "pareto"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 
 # ACC - ASR lies in [-100, 100] and DER in [0, 100]: -100 is at or below every real score.
 DIVERGED_SCORE = -100.0
@@ -48,6 +51,14 @@ _DESCRIPTIONS = {
            "percent (50 = no change), on val",
     "pareto": "two objectives on val: maximize mean ACC, minimize mean ASR (percent); the best "
               "configuration on the Pareto front is the one with the highest mean(ACC - ASR)",
+}
+
+# One line each, for --help.
+SHORT = {
+    "mean": "mean over attacks of ACC-ASR",
+    "worst": "its minimum over attacks",
+    "der": "mean DER",
+    "pareto": "two objectives, mean ACC up and mean ASR down",
 }
 
 PerAttack = Mapping[str, Mapping[str, float]]

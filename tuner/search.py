@@ -1,119 +1,101 @@
 """The search, end to end: ``run_search(spec) -> run directory``.
 
-1. validate the spec, the data and the attacks (before anything is built or started);
+1. check the spec, the data and the attacks (before anything is built or started);
 2. load the victims (search attacks + held-out attacks; built once, then stored) while Ray
    is imported and started in a background thread;
 3. run the Ray Tune + Optuna search on the validation split (``tuner.trainable``, the only
-   module that imports Ray); write ``spec.json``, ``space.json``, ``trials.json``, ``study.db``;
+   module that imports Ray); write ``spec.json`` (with the run's provenance), ``space.json``,
+   ``trials.json``, ``study.db``;
 4. final evaluation in this process, on the test split, of the paper-default configuration
    (before the search, while Ray starts: it does not depend on the search) and of the best
    one (after it, while Ray stops), seeds ``seed .. seed+final_seeds-1``, search and held-out
    victims, next to the no-defense victims; write ``final.json``, ``timing.json`` and the
    report.
 
-The final evaluation runs in the driver: it is a handful of configurations on a few victims.
-
->>> from tuner.spec import ExperimentSpec                   # doctest: +SKIP
->>> run_search(ExperimentSpec(defense="ft", smoke_test=True, num_samples=2, max_epochs=1,
-...                           attacks=("badnets",), final_seeds=1))   # doctest: +SKIP
+>>> from tuner.spec import ExperimentSpec                                 # doctest: +SKIP
+>>> run_search(ExperimentSpec(defense="ft", smoke_test=True))             # doctest: +SKIP
 PosixPath('.../runs/ft-digits-20250101-120000')
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
+import platform
+import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tuner import study as S
+from tuner._io import write_json
+from tuner.evaluation import resolve_config, run_config
+from tuner.objective import select_best
+from tuner.records import TrialRecord
+from tuner.report import console_summary, write_report
+from tuner.spaces import Space, space_to_json
 from tuner.spec import ExperimentSpec
+from zoo.data import Splits
+from zoo.victims import Victim, get_victims, prepare_attacks
 
-__all__ = ["export_study", "final_evaluation", "pick_best", "run_search"]
+__all__ = ["final_evaluation", "pick_best", "provenance", "run_search"]
 
-SMOKE_VICTIM_EPOCHS = 5
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    tmp.replace(path)
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "torchvision", "ray", "optuna", "numpy", "pandas")
 
 
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+def provenance(sampler: dict[str, Any]) -> dict[str, Any]:
+    """What produced a run, recorded when it starts: the code's git commit (and whether it had
+    uncommitted changes), library versions, the sampler built, the machine."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=5, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": bool(dirty) if commit else None,
+            "versions": versions, "sampler": sampler, "machine": platform.platform(),
+            "cpu_count": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _smoke_recipe(spec: ExperimentSpec) -> Any:
-    """--smoke-test trains its victims for a few epochs only (stored under their own key):
-    enough to plant a backdoor on digits, and the build no longer dominates a CI run."""
-    if not spec.smoke_test:
-        return None
-    from zoo.train import default_recipe
-
-    recipe = default_recipe(spec.dataset, spec.arch)
-    return dataclasses.replace(recipe, epochs=min(recipe.epochs, SMOKE_VICTIM_EPOCHS))
-
-
-def _zoo_spec(spec: ExperimentSpec) -> Any:
-    from zoo.victims import ZooSpec
-
-    return ZooSpec(dataset=spec.dataset, arch=spec.arch, poison_rate=spec.poison_rate,
-                   seed=spec.seed, data_root=spec.data_root, zoo_dir=spec.zoo_dir,
-                   blend_image=spec.blend_image, recipe=_smoke_recipe(spec), precision=spec.precision)
-
-
-def _check_victims(spec: ExperimentSpec) -> tuple[Any, Any]:
-    """The zoo spec and the splits, with the data and every attack checked (ValueError)."""
-    from zoo.data import load_splits
-    from zoo.victims import prepare_attacks
-
-    splits = load_splits(spec.dataset, data_root=spec.data_root, seed=spec.seed,
-                         clean_ratio=spec.clean_ratio, download=spec.download)
-    zoo = _zoo_spec(spec)
-    prepare_attacks(zoo, [*spec.attacks, *spec.holdout_attacks], splits)
-    return zoo, splits
-
-
-def _load_victims(spec: ExperimentSpec, zoo: Any, splits: Any) -> tuple[list[Any], list[Any], float]:
+def _load_victims(spec: ExperimentSpec, splits: Splits) -> tuple[list[Victim], list[Victim], float]:
     """Search victims, held-out victims, seconds (built once, then from the store)."""
-    from zoo.victims import get_victims
-
     start = time.perf_counter()
-    names = [*spec.attacks, *spec.holdout_attacks]
-    print(f"victims: {', '.join(names)} ({spec.dataset}, {spec.arch})", flush=True)
-    victims = get_victims(zoo, names, splits=splits, device=spec.device, progress=True)
-    by_name = {v.attack: v for v in victims}
+    zoo = spec.victims
+    print(f"victims: {', '.join(zoo.attacks)} ({zoo.dataset}, {zoo.arch})", flush=True)
+    by_name = {v.attack: v for v in get_victims(zoo, splits=splits, progress=True)}
     return ([by_name[a] for a in spec.attacks], [by_name[a] for a in spec.holdout_attacks],
             time.perf_counter() - start)
 
 
-def pick_best(records: Sequence[dict[str, Any]], objective: str) -> dict[str, Any] | None:
-    """The best trial; trials that ran all their epochs beat ASHA-stopped ones (whose early
-    values are not comparable), which only count when no trial completed."""
-    from tuner.objective import select_best
+def pick_best(records: Sequence[TrialRecord], objective: str) -> TrialRecord | None:
+    """The best trial that ran all its epochs; ASHA-stopped ones (whose early values are not
+    comparable) only count when no trial completed."""
+    def best(pool: Sequence[TrialRecord]) -> TrialRecord | None:
+        rows = [{"state": r.state, "per_attack": r.per_attack, "diverged": r.diverged,
+                 "error": r.error, "i": i} for i, r in enumerate(pool)]
+        chosen = select_best(rows, objective)
+        return None if chosen is None else pool[int(chosen["i"])]
 
-    complete = [r for r in records if r["state"] == "complete"]
-    best = select_best(complete, objective) if complete else None
-    return dict(best) if best is not None else (
-        dict(b) if (b := select_best(list(records), objective)) is not None else None)
+    return best([r for r in records if r.finished]) or best(records)
 
 
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    import torch
-
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
@@ -125,136 +107,38 @@ def _torch_threads(n: int) -> Iterator[None]:
 def searched_params(spec: ExperimentSpec, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` with ``epochs`` capped as in the search (``--max-epochs``), so the final
     evaluation measures the configuration the search scored."""
-    from tuner.evaluation import resolve_config
-
     if spec.max_epochs is None:
         return dict(params)
-    cfg = resolve_config(spec.defense, params, spec.dataset, spec.max_epochs)
+    cfg = resolve_config(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     return {**params, "epochs": int(cfg.epochs)}
 
 
 def final_threads(cores: int | None) -> int:
     """Torch threads of the final evaluations: one core fewer than the machine has (at least
-    one), because Ray starts (before the search) or stops (after it) beside them.
-
-    On 2 cores, two torch threads beside Ray's start-up (its workers import torch and Tune)
-    waited on each other at every operation: the first trials started ~2.5 s late (Ray's share of
-    the default search 13-29% instead of 6%). Default and best use the same count, so their
-    test numbers are comparable for the defenses whose results depend on it (README)."""
+    one), because Ray starts (before the search) or stops (after it) beside them; default and
+    best use the same count, so their test numbers compare (bench/README.md)."""
     return max(1, (cores or 1) - 1)
 
 
-def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list[Any],
-                     splits: Any) -> list[dict[str, Any]]:
+def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list[Victim],
+                     splits: Splits) -> list[dict[str, Any]]:
     """``run_config`` on test for each final seed: one ``{attack: {before, after, ...}}`` each."""
-    import torch
-
-    from tuner.evaluation import run_config
-
-    device = torch.device(spec.device)
     params = searched_params(spec, params)
     seeds = range(spec.seed, spec.seed + spec.final_seeds)
     with _torch_threads(final_threads(os.cpu_count())):
-        return [run_config(spec.defense, params, victims, splits, seed=s, device=device,
-                           split="test", precision=spec.precision) for s in seeds]
+        return [run_config(spec.defense, params, victims, splits, seed=s,
+                           device=torch.device(spec.zoo.device), split="test",
+                           precision=spec.zoo.precision) for s in seeds]
 
 
-def _distribution_for(dist: Any, value: Any) -> Any | None:
-    """``dist`` widened to hold ``value`` (the paper default may lie outside a narrowed range)."""
-    from optuna.distributions import CategoricalDistribution
-
-    if isinstance(dist, CategoricalDistribution):
-        return dist if value in dist.choices else None
-    if dist._contains(dist.to_internal_repr(value)):
-        return dist
-    if getattr(dist, "step", None) not in (None, 1):
-        return None
-    return type(dist)(low=min(dist.low, value), high=max(dist.high, value), log=dist.log)
-
-
-def export_study(path: Path, records: Sequence[dict[str, Any]], space: Any, objective: str,
-                 name: str) -> int:
-    """Write the trials as an Optuna study in SQLite (for optuna-dashboard); returns its size.
-
-    The search itself used an in-memory study (an SQLite one breaks ``Tuner.restore`` after a
-    killed driver); this rebuilds the same trials from ``trials.json`` at the end.
-    """
-    import optuna
-    from optuna.trial import TrialState, create_trial
-
-    from tuner.objective import directions
-
-    path.unlink(missing_ok=True)
-    old = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.create_study(storage=f"sqlite:///{path}", study_name=name,
-                                    directions=directions(objective))
-        multi = objective == "pareto"
-        added = 0
-        for r in records:
-            dists = {k: _distribution_for(space.distributions[k], v)
-                     for k, v in r["params"].items() if k in space.distributions}
-            if r["state"] == "incomplete" or any(d is None for d in dists.values()):
-                continue
-            params = {k: r["params"][k] for k in dists}
-            history = {int(h["epoch"]): float(h["value_0"]) for h in r["history"]
-                       if h.get("value_0") is not None and h.get("epoch") is not None}
-            state = {"error": TrialState.FAIL, "pruned": TrialState.PRUNED}.get(
-                r["state"], TrialState.COMPLETE)
-            values = r.get("values") or None
-            if state == TrialState.FAIL or (state == TrialState.PRUNED and multi) or \
-                    (state == TrialState.COMPLETE and not values):
-                values = None
-                state = TrialState.FAIL if state == TrialState.COMPLETE else state
-            study.add_trial(create_trial(
-                state=state, params=params, distributions=dists, values=values,
-                intermediate_values=None if multi else history,
-                user_attrs={"trial_id": r["trial_id"], "state": r["state"],
-                            "diverged": r["diverged"], "epochs": r["epochs"]}))
-            added += 1
-        return added
-    finally:
-        optuna.logging.set_verbosity(old)
-
-
-def _per_attack_after(seed_result: dict[str, Any], attacks: Sequence[str]) -> dict[str, dict]:
-    return {a: dict(seed_result[a]["after"]) for a in attacks if a in seed_result}
-
-
-def _means(runs: list[dict[str, dict]], objective: str) -> tuple[float, float, float]:
-    """Mean ACC, mean ASR and the objective score, averaged over seeds."""
-    from tuner.objective import score
-
-    accs = [m["acc"] for run in runs for m in run.values()]
-    asrs = [m["asr"] for run in runs for m in run.values()]
-    scores = [score(run, objective) for run in runs]
-    return (sum(accs) / len(accs), sum(asrs) / len(asrs), sum(scores) / len(scores))
-
-
-def summary_table(spec: ExperimentSpec, final: dict[str, Any]) -> str:
-    """best vs default vs no defense on test: mean ACC, mean ASR, score (search attacks)."""
-    nd = final["no_defense"]["per_attack"]
-    rows = [("no defense", [{a: {**nd[a], "der": 50.0} for a in spec.attacks}])]
-    for key, label in (("default", "paper default"), ("best", "best found")):
-        if final.get(key):
-            rows.append((label, [_per_attack_after(s, spec.attacks) for s in final[key]["seeds"]]))
-    head = f"  {'on test, ' + str(len(spec.attacks)) + ' attacks':<24}{'ACC':>8}{'ASR':>8}" \
-           f"{spec.objective + ' score':>14}"
-    lines = [head]
-    for label, runs in rows:
-        acc, asr, sc = _means(runs, spec.objective)
-        lines.append(f"  {label:<24}{acc:8.2f}{asr:8.2f}{sc:14.2f}")
-    if spec.holdout_attacks and final.get("best"):
-        runs = [_per_attack_after(s, spec.holdout_attacks) for s in final["best"]["seeds"]]
-        acc, asr, sc = _means(runs, spec.objective)
-        lines.append(f"  {'best, held-out attacks':<24}{acc:8.2f}{asr:8.2f}{sc:14.2f}")
-    return "\n".join(lines)
-
-
-def _format_params(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in sorted(params.items()))
+def max_epochs_of_space(spec: ExperimentSpec, space: Space) -> int:
+    """The ASHA horizon: the most epochs any configuration of the space (or its default) runs."""
+    dist = space.distributions.get("epochs")
+    high = 0 if dist is None else int(max(dist.choices) if hasattr(dist, "choices")
+                                        else dist.high)  # type: ignore[attr-defined]
+    cfg = resolve_config(spec.defense, space.default, spec.zoo.dataset, spec.max_epochs)
+    high = max(high, int(cfg.epochs))
+    return min(high, spec.max_epochs) if spec.max_epochs else high
 
 
 def _resume_hint(spec: ExperimentSpec) -> str:
@@ -319,8 +203,8 @@ class _RayInBackground:
             self._pool.shutdown()
 
 
-def _final(spec: ExperimentSpec, best: dict[str, Any] | None, default: dict[str, Any],
-           default_runs: list[dict[str, Any]], victims: list[Any], splits: Any,
+def _final(spec: ExperimentSpec, best: TrialRecord | None, default: dict[str, Any],
+           default_runs: list[dict[str, Any]], victims: list[Victim], splits: Splits,
            val_default: float | None) -> dict[str, Any]:
     """final.json: the default's runs (measured before the search), the best's, no defense."""
     out: dict[str, Any] = {
@@ -331,32 +215,36 @@ def _final(spec: ExperimentSpec, best: dict[str, Any] | None, default: dict[str,
         "best": None,
     }
     if best is not None:
-        same = best["params"] == default
+        same = best.params == default
         if not same:
-            print(f"final evaluation of the best configuration on test: {spec.final_seeds} "
-                  f"seed(s) x {len(victims)} victims", flush=True)
-        runs = default_runs if same else final_evaluation(spec, best["params"], victims, splits)
-        out["best"] = {"params": searched_params(spec, best["params"]), "val_score": best["score"],
-                       "trial_id": best["trial_id"], "seeds": runs}
+            print(f"final evaluation of the best configuration (trial {best.number}) on test: "
+                  f"{spec.final_seeds} seed(s) x {len(victims)} victims", flush=True)
+        runs = default_runs if same else final_evaluation(spec, best.params, victims, splits)
+        out["best"] = {"params": searched_params(spec, best.params), "val_score": best.score,
+                       "trial": best.number, "seeds": runs}
     return out
 
 
-def run_search(spec: ExperimentSpec) -> Path:
-    """Run (or continue, with ``spec.resume``) the search; return the run directory."""
-    from tuner.report import write_report
-    from tuner.spaces import space_to_json
+def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]] | None = None
+               ) -> Path:
+    """Run (or continue, with ``spec.resume``) the search; return the run directory.
 
+    ``epochs_fn`` replaces each trial's ``tuner.evaluation.trial_epochs`` (tests use it to
+    make trials fail, diverge or take longer).
+    """
     t0 = time.perf_counter()
-    spec.validate()
+    spec.check_world()
     space = spec.load_space()
-    zoo, splits = _check_victims(spec)  # bad data or attacks fail here, before Ray starts
+    splits = spec.zoo.load_splits()
+    prepare_attacks(spec.victims, None, splits)  # bad data or attacks fail here, before Ray
+    sampler = S.sampler_settings(spec.seed, spec.num_samples)
     with _RayInBackground(spec) as ray_bg:
-        victims, holdout, victim_s = _load_victims(spec, zoo, splits)
+        victims, holdout, victim_s = _load_victims(spec, splits)
         run = spec.run_dir
         run.mkdir(parents=True, exist_ok=True)
         if not spec.resume:
-            _write_json(run / "spec.json", spec.to_dict())
-        _write_json(run / "space.json", space_to_json(space))
+            write_json(run / "spec.json", {**spec.to_dict(), "provenance": provenance(sampler)})
+        write_json(run / "space.json", space_to_json(space))
 
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
@@ -371,27 +259,28 @@ def run_search(spec: ExperimentSpec) -> Path:
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
         slots = trainable.max_concurrent(spec)
-        records = trainable.run_tune(spec, space, victims, splits)
+        records = trainable.run_tune(spec, space, victims, splits, sampler=sampler,
+                                     max_t=max_epochs_of_space(spec, space), epochs_fn=epochs_fn)
         ray_bg.stop()  # Ray stops while the final evaluation runs
         search_s = time.perf_counter() - t1
-        _write_json(run / "trials.json", records)
-        finished = sum(r["state"] != "incomplete" for r in records)
+        write_json(run / "trials.json", [r.to_json() for r in records])
+        finished = sum(r.state != "incomplete" for r in records)
         if finished < spec.num_samples:
             print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
                   f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        export_study(run / "study.db", records, space, spec.objective, spec.name)
+        S.export(run / "study.db", records, space.distributions, spec.objective, str(spec.name))
 
         best = pick_best(records, spec.objective)
-        val_default = next((r["score"] for r in records if r["params"] == default), None)
+        val_default = next((r.score for r in records if r.params == default), None)
         if best is None:
             print("no trial finished without error or divergence: only the default is evaluated",
                   file=sys.stderr)
         t2 = time.perf_counter()
         final = _final(spec, best, default, default_runs, everyone, splits, val_default)
         final_s += time.perf_counter() - t2
-    _write_json(run / "final.json", final)
-    _write_json(run / "timing.json", timing(
+    write_json(run / "final.json", final)
+    write_json(run / "timing.json", timing(
         wall=time.perf_counter() - t0, victims=victim_s, search=search_s, final=final_s,
         ray_waited=ray_bg.waited, records=records, slots=slots))
     report = write_report(run)
@@ -400,11 +289,11 @@ def run_search(spec: ExperimentSpec) -> Path:
 
 
 def timing(*, wall: float, victims: float, search: float, final: float, ray_waited: float,
-           records: Sequence[dict[str, Any]], slots: int) -> dict[str, Any]:
+           records: Sequence[TrialRecord], slots: int) -> dict[str, Any]:
     """``timing.json``. The Ray overhead share is the part of the search's wall time (the
     search, plus what the driver waited for Ray to start or stop) that its ``slots`` did not
     spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``."""
-    compute = sum(float(r["seconds"]) for r in records)
+    compute = sum(r.seconds for r in records)
     search_wall = search + ray_waited
     share = max(0.0, 1.0 - compute / (slots * search_wall)) if search_wall > 0 and slots else 0.0
     return {"wall_seconds": wall, "victims_seconds": victims, "search_seconds": search,
@@ -414,8 +303,6 @@ def timing(*, wall: float, victims: float, search: float, final: float, ray_wait
 
 def _print_end(spec: ExperimentSpec, report: Path, final: dict[str, Any], wall: float) -> None:
     print(f"\ndone in {wall:.0f}s. report: {report}")
-    print(summary_table(spec, final))
-    if final.get("best"):
-        print(f"  best configuration: {_format_params(final['best']['params'])}")
+    print(console_summary(report.parent))
     print(f"  (config file: {report.parent / 'best_config.json'})", flush=True)
 

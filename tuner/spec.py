@@ -1,13 +1,15 @@
-"""The experiment spec: every setting of one search, typed and validated before anything starts.
+"""The experiment spec: every setting of one search, typed and checked on construction.
 
-``ExperimentSpec.__post_init__`` checks each value on its own (ranges, formats, overlaps);
-``validate()`` checks the world (the defense exists, the space file loads, the output folder is
-writable, ``--resume`` finds a run). ``from_args`` does both, so a bad flag fails in
-milliseconds with one line naming the flag, never after a zoo build or a Ray start.
+``ExperimentSpec`` is the one source of the search's settings: its fields (and the nested
+:class:`zoo.victims.ZooSpec`) generate the command line (:mod:`tuner.flags`), their defaults
+and choices live only here, and ``__post_init__`` checks each value. ``check_world()`` checks
+what needs the disk or the network (the output folder, ``--resume``, the space file, the
+cluster address). ``from_args`` does both, so a bad flag fails in milliseconds with one line
+naming the flag, never after a zoo build or a Ray start.
 
 >>> spec = ExperimentSpec(defense="ft", output=Path("runs"), name="demo")
->>> spec.run_dir.name, spec.num_samples
-('demo', 16)
+>>> spec.run_dir.name, spec.num_samples, spec.zoo.dataset
+('demo', 16, 'digits')
 """
 
 from __future__ import annotations
@@ -19,34 +21,32 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from defenses import REGISTRY
+from tuner import flags
 from tuner.errors import UsageError
+from tuner.objective import SHORT, Objective
+from zoo.attacks import check_attack_names
+from zoo.train import Recipe, default_recipe
+from zoo.victims import ZooSpec
 
-__all__ = ["DEFAULTS", "SMOKE_DEFAULTS", "ExperimentSpec", "default_name", "from_args"]
+__all__ = ["ExperimentSpec", "check_writable", "default_name", "from_args"]
 
-OBJECTIVES = ("mean", "worst", "der", "pareto")  # mirrors tuner.objective.OBJECTIVES
-SCHEDULERS = ("asha", "fifo")
-SEARCH_ATTACKS = ("badnets", "blended", "wanet", "sig")
+Scheduler = Literal["asha", "fifo"]
+# The smoke-test victims train this many epochs (stored apart from the real ones): enough to
+# plant a backdoor on digits, and the build no longer dominates a CI run.
+SMOKE_VICTIM_EPOCHS = 5
+MAX_NAME = 100  # characters of a run folder name
 
-# Sized so that the bare ``python -m tuner --defense ngf`` ends within about 5 minutes on a
-# 2-core CPU machine, victims included; a GPU or a cluster warrants more --num-samples.
-DEFAULTS: dict[str, Any] = {"num_samples": 16, "final_seeds": 3, "max_epochs": None,
-                            "attacks": SEARCH_ATTACKS, "val_subsample": None}
-# --smoke-test: the smallest run that still exercises every stage (CI).
-SMOKE_DEFAULTS: dict[str, Any] = {"num_samples": 2, "final_seeds": 1, "max_epochs": 1,
-                                  "attacks": ("badnets",), "val_subsample": None}
 
-# Fields that define the search; ``--resume`` continues with the stored values of these.
-# Resources (--cpus/--gpus-per-trial, --address, --device) may change between the two runs.
-RUN_FIELDS = ("defense", "dataset", "data_root", "arch", "attacks", "holdout_attacks",
-              "poison_rate", "clean_ratio", "blend_image", "zoo_dir", "objective", "num_samples",
-              "scheduler", "max_epochs", "seed", "final_seeds", "space", "smoke_test",
-              "val_subsample")
+def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help_text, **extra}
 
 
 def default_name(defense: str, dataset: str, now: float | None = None) -> str:
@@ -57,110 +57,138 @@ def default_name(defense: str, dataset: str, now: float | None = None) -> str:
 
 @dataclass(frozen=True)
 class ExperimentSpec:
-    """All settings of one search. Paths are made absolute; lists become tuples."""
+    """All settings of one search. Paths are made absolute; lists become tuples.
 
-    defense: str
-    dataset: str = "digits"
-    data_root: Path | None = None
-    download: bool = False  # fetch the dataset into data_root (torchvision) when missing
-    arch: str = "cnn"
-    attacks: tuple[str, ...] = SEARCH_ATTACKS
-    holdout_attacks: tuple[str, ...] = ()
-    poison_rate: float | None = None  # None: 0.1, or the zoo's per-attack default on the dataset
-    clean_ratio: float | None = None
-    blend_image: Path | None = None
-    objective: str = "mean"
-    num_samples: int = 16
-    max_concurrent: int | None = None  # None: as many trials as the resources fit
-    scheduler: str = "asha"
-    max_epochs: int | None = None  # None: the defense's own epochs
-    val_subsample: int | None = None  # images per val set before the last epoch; None: full val
-    precision: str = "auto"  # zoo.runtime: auto | fp32 | bf16
-    gpus_per_trial: float = 0.0
-    cpus_per_trial: float = 1.0
-    address: str | None = None  # None: a local Ray that starts and stops with the run
-    output: Path = Path("runs")
-    name: str = ""
-    resume: bool = False
-    seed: int = 0
-    final_seeds: int = 3
-    space: Path | None = None  # None: search_spaces/<defense>.yaml
-    zoo_dir: Path | None = None
-    smoke_test: bool = False
-    device: str = "cpu"  # for the final evaluation in the driver; trials pick theirs from resources
+    Fields whose metadata says ``resource`` may change when a run is resumed; the others
+    define the search and ``--resume`` keeps the stored ones.
+    """
+
+    defense: str = field(metadata=_opt("defense to tune (see defenses/)", choices=tuple(REGISTRY)))
+    zoo: ZooSpec = field(default_factory=ZooSpec, metadata={"title": "data and victims"})
+    holdout_attacks: tuple[str, ...] = field(default=(), metadata=_opt(
+        "comma-separated attacks never seen by the search, only in the final test evaluation",
+        group="search"))
+    objective: Objective = field(default="mean", metadata=_opt(
+        "what the search maximizes: " + "; ".join(f"{k}: {v}" for k, v in SHORT.items()),
+        group="search"))
+    num_samples: int = field(default=16, metadata=_opt(
+        "number of configurations to try, the paper default first", smoke=2, group="search"))
+    max_concurrent: int | None = field(default=None, metadata=_opt(
+        "most trials at once", default_text="as many as the CPUs/GPUs fit", group="search",
+        resource=True))
+    scheduler: Scheduler = field(default="asha", metadata=_opt(
+        "asha stops poor trials early (recorded in Optuna as pruned); fifo runs every trial to "
+        "its end", group="search"))
+    max_epochs: int | None = field(default=None, metadata=_opt(
+        "cap on each trial's fine-tuning epochs", default_text="the defense's own epochs",
+        smoke=1, group="search"))
+    val_subsample: int | None = field(default=None, metadata=_opt(
+        "score a trial's epochs before its last on a fixed, seeded subset of N clean and N "
+        "triggered val images per attack (cheaper early ASHA rungs); the last epoch always "
+        "uses all of val", default_text="all of val every epoch", metavar="N", group="search"))
+    space: Path | None = field(default=None, metadata=_opt(
+        "search-space YAML file", default_text="search_spaces/<defense>.yaml", group="search"))
+    final_seeds: int = field(default=3, metadata=_opt(
+        "seeds of the final test evaluation of the best and default configurations: "
+        "seed..seed+N-1", smoke=1, group="search"))
+    gpus_per_trial: float | None = field(default=None, metadata=_opt(
+        "GPU share per trial; 0.25 packs four trials per GPU, whole numbers for several GPUs",
+        default_text="0.25 with a local GPU, else 0: CPU trials", group="resources and cluster",
+        resource=True))
+    cpus_per_trial: float = field(default=1.0, metadata=_opt(
+        "CPU cores per trial; also its torch thread count", group="resources and cluster",
+        resource=True))
+    address: str | None = field(default=None, metadata=_opt(
+        "join a running Ray cluster: 'auto' or HOST:PORT",
+        default_text="a local Ray that starts and stops with the run",
+        group="resources and cluster", resource=True))
+    output: Path = field(default=Path("runs"), metadata=_opt(
+        "parent folder of run folders", group="output", resource=True))
+    name: str | None = field(default=None, metadata=_opt(
+        f"run folder name: letters, digits, '.', '_', '-', at most {MAX_NAME} characters",
+        default_text="<defense>-<dataset>-<YYYYmmdd-HHMMSS>", group="output", resource=True))
+    resume: bool = field(default=False, metadata=_opt(
+        "continue the interrupted run OUTPUT/NAME (needs --name); finished trials are kept, "
+        "the total stays --num-samples", group="output", resource=True))
+    smoke_test: bool = field(default=False, metadata=_opt(
+        "tiny, fast run for CI: 2 trials of 1 epoch, badnets only, 1 final seed, victims "
+        f"trained for {SMOKE_VICTIM_EPOCHS} epochs (stored apart from the real ones)",
+        group="output"))
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "attacks", tuple(self.attacks))
         set_(self, "holdout_attacks", tuple(self.holdout_attacks))
-        for name in ("data_root", "blend_image", "space", "zoo_dir"):
+        for name in ("space",):
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, Path(value).expanduser().absolute())
         set_(self, "output", Path(self.output).expanduser().absolute())
-        if not self.name:
-            set_(self, "name", default_name(self.defense, self.dataset))
+        if self.defense not in REGISTRY:
+            raise UsageError(f"unknown defense {self.defense!r}: expected one of "
+                             f"{', '.join(REGISTRY)}")
+        if self.name is None:
+            set_(self, "name", default_name(self.defense, self.zoo.dataset))
+        if self.gpus_per_trial is None:  # four trials per local GPU, else CPU trials
+            local_gpu = self.address is None and self.zoo.device.startswith("cuda")
+            set_(self, "gpus_per_trial", 0.25 if local_gpu else 0.0)
         self._check_values()
 
     # -- value checks (no I/O) -------------------------------------------------------------
     def _check_values(self) -> None:
         _check_int("--num-samples", self.num_samples, low=1)
         _check_int("--final-seeds", self.final_seeds, low=1)
-        _check_int("--seed", self.seed, low=0)
-        if self.max_concurrent is not None:
-            _check_int("--max-concurrent", self.max_concurrent, low=1)
-        if self.max_epochs is not None:
-            _check_int("--max-epochs", self.max_epochs, low=1)
-        if self.val_subsample is not None:
-            _check_int("--val-subsample", self.val_subsample, low=1)
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"--objective {self.objective!r}: expected one of "
-                             f"{', '.join(OBJECTIVES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise UsageError(f"--scheduler {self.scheduler!r}: expected one of "
-                             f"{', '.join(SCHEDULERS)}")
+        for flag, value in (("--max-concurrent", self.max_concurrent),
+                            ("--max-epochs", self.max_epochs),
+                            ("--val-subsample", self.val_subsample)):
+            if value is not None:
+                _check_int(flag, value, low=1)
         check_gpus_per_trial(self.gpus_per_trial)
         if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
             raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
                              "number > 0")
-        if self.poison_rate is not None and not 0.0 < self.poison_rate < 1.0:
-            raise UsageError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
-        if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
-            raise UsageError(f"--clean-ratio {self.clean_ratio}: expected a number in (0, 1]")
-        self._check_attacks()
-        check_name(self.name)
-        if self.address is not None:
-            check_address(self.address)
-
-    def _check_attacks(self) -> None:
-        if not self.attacks:
-            raise UsageError("--attacks is empty: expected at least one attack, e.g. badnets")
-        lists = (("--attacks", self.attacks), ("--holdout-attacks", self.holdout_attacks))
-        for flag, names in lists:
-            dup = sorted({a for a in names if names.count(a) > 1})
-            if dup:
-                raise UsageError(f"{flag} names {', '.join(dup)} twice: expected each attack once")
-        overlap = sorted(set(self.attacks) & set(self.holdout_attacks))
+        if self.holdout_attacks:
+            check_attack_names(self.holdout_attacks, "--holdout-attacks")
+        overlap = sorted(set(self.zoo.attacks) & set(self.holdout_attacks))
         if overlap:
             raise UsageError(f"--holdout-attacks {','.join(overlap)} also in --attacks: "
                              "held-out attacks must not be searched on")
+        check_name(str(self.name))
+        if self.address is not None:
+            check_address(self.address)
 
-    # -- world checks ----------------------------------------------------------------------
+    # -- derived ---------------------------------------------------------------------------
     @property
     def run_dir(self) -> Path:
-        return self.output / self.name
+        return self.output / str(self.name)
 
-    def validate(self) -> None:
-        """Check what needs the disk or other modules; raises UsageError (or SpaceError)."""
-        from defenses import REGISTRY
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        """The attacks the search optimizes over."""
+        return self.zoo.attacks
 
-        if self.defense not in REGISTRY:
-            raise UsageError(f"unknown defense {self.defense!r}: expected one of "
-                             f"{', '.join(REGISTRY)}")
+    @property
+    def seed(self) -> int:
+        """One seed for the split, the victims, the sampler and the first final evaluation."""
+        return self.zoo.seed
+
+    @property
+    def victims(self) -> ZooSpec:
+        """The zoo every victim (search and held-out) comes from: ``--smoke-test`` trains
+        them for a few epochs only, under their own store key."""
+        zoo = dataclasses.replace(self.zoo, attacks=self.zoo.attacks + self.holdout_attacks)
+        if not self.smoke_test:
+            return zoo
+        recipe = default_recipe(zoo.dataset, zoo.arch)
+        short = dataclasses.replace(recipe, epochs=min(recipe.epochs, SMOKE_VICTIM_EPOCHS))
+        return dataclasses.replace(zoo, recipe=short)
+
+    # -- world checks ----------------------------------------------------------------------
+    def check_world(self) -> None:
+        """Check what needs the disk, other modules or the network; raises UsageError."""
         check_writable(self.output)
         self._check_run_dir()
         self.load_space()
-        if self.gpus_per_trial > 0 and self.address is None and self.device == "cpu":
+        if self.gpus_per_trial and self.address is None and self.zoo.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
         if self.address == "auto":
@@ -181,34 +209,66 @@ class ExperimentSpec:
     def load_space(self) -> Any:
         from tuner.spaces import load_space
 
-        return load_space(self.defense, self.space, dataset=self.dataset)
+        return load_space(self.defense, self.space, dataset=self.zoo.dataset)
 
     # -- serialization ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else (
-                list(value) if isinstance(value, tuple) else value)
-        return out
+        return _plain(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ExperimentSpec:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UsageError(f"spec has unknown field(s) {', '.join(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: dict[str, Any], where: str = "spec") -> ExperimentSpec:
+        """The spec a run stored (``spec.json``); its ``provenance`` block is not part of it."""
+        if not isinstance(data, dict) or not isinstance(data.get("zoo"), dict):
+            raise UsageError(f"{where}: expected an object with a 'zoo' object")
+        body = {k: v for k, v in data.items() if k != "provenance"}
+        _check_keys(where, body, cls)
+        zoo = dict(body.pop("zoo"))
+        _check_keys(f"{where}: zoo", zoo, ZooSpec)
+        if isinstance(zoo.get("recipe"), dict):
+            zoo["recipe"] = Recipe(**zoo["recipe"])
+        try:
+            return cls(zoo=ZooSpec(**zoo), **body)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{where}: {exc}") from None
 
     def resumed_from(self, stored: ExperimentSpec) -> ExperimentSpec:
-        """This spec with the stored run's search-defining fields (what --resume continues)."""
-        return dataclasses.replace(self, **{k: getattr(stored, k) for k in RUN_FIELDS})
+        """The stored run's search-defining settings with this spec's resources."""
+        zoo = dataclasses.replace(stored.zoo, **_resources(self.zoo))
+        return dataclasses.replace(stored, zoo=zoo, **_resources(self))
 
     def differences(self, other: ExperimentSpec) -> list[str]:
-        return [k for k in RUN_FIELDS if getattr(self, k) != getattr(other, k)]
+        """The search-defining settings in which ``other`` differs from this spec."""
+        def settings(spec: ExperimentSpec) -> dict[str, Any]:
+            d = spec.to_dict()
+            return {**{k: d[k] for k in d if k not in _resources(spec) and k != "zoo"},
+                    **{k: v for k, v in d["zoo"].items() if k not in _resources(spec.zoo)}}
+
+        mine, theirs = settings(self), settings(other)
+        return [k for k in mine if mine[k] != theirs[k]]
+
+
+def _resources(spec: Any) -> dict[str, Any]:
+    """The fields of a spec that may change when its run resumes (``resource`` metadata)."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+            if f.metadata.get("resource")}
+
+
+def _check_keys(where: str, data: dict[str, Any], cls: type) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageError(f"{where} has unknown field(s) {', '.join(unknown)}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 # -- single-value checks --------------------------------------------------------------------
@@ -235,9 +295,11 @@ def check_address(address: str) -> None:
 
 
 def check_name(name: str) -> None:
-    if name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*", name):
-        raise UsageError(f"--name {name!r}: expected letters, digits, '.', '_' or '-' "
-                         "(one folder name, no '/')")
+    if name in (".", "..") or len(name) > MAX_NAME or \
+            not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]*", name):
+        raise UsageError(f"--name {name[:MAX_NAME + 20]!r}: expected 1 to {MAX_NAME} letters, "
+                         "digits, '.', '_' or '-', starting with a letter or digit (one folder "
+                         "name, no '/')")
 
 
 def resolve_auto_address() -> str:
@@ -288,67 +350,23 @@ def check_writable(output: Path) -> None:
 
 
 # -- from the command line ------------------------------------------------------------------
-def _given(args: argparse.Namespace, name: str) -> Any:
-    return getattr(args, name, None)
-
-
-def _resolve(args: argparse.Namespace, name: str, smoke: bool) -> Any:
-    value = _given(args, name)
-    if value is not None:
-        return value
-    return (SMOKE_DEFAULTS if smoke else DEFAULTS)[name]
-
-
-def _default_gpus(device: str, address: str | None) -> float:
-    """0.25 (four trials per GPU) on a local machine with CUDA, else CPU trials."""
-    return 0.25 if address is None and device.startswith("cuda") else 0.0
-
-
 def from_args(args: argparse.Namespace) -> ExperimentSpec:
-    """Build and fully validate the spec from parsed flags (see tuner.cmd_search)."""
-    from tuner._flags import check_common, parse_list
-
-    smoke = bool(getattr(args, "smoke_test", False))
-    args.attacks = _resolve(args, "attacks", smoke)
-    args.holdout_attacks = _given(args, "holdout_attacks") or ""
-    for attr in ("attacks", "holdout_attacks"):
-        value = getattr(args, attr)
-        setattr(args, attr, parse_list(value) if isinstance(value, str) else list(value))
-    check_common(args, ("attacks", "holdout_attacks"))
-    device = str(args.device)
-    gpus = _given(args, "gpus_per_trial")
-    address, name = _given(args, "address"), _given(args, "name")
-    spec = ExperimentSpec(
-        defense=args.defense, dataset=args.dataset, data_root=args.data_root,
-        download=args.download, arch=args.arch,
-        attacks=tuple(args.attacks), holdout_attacks=tuple(args.holdout_attacks),
-        poison_rate=args.poison_rate, clean_ratio=args.clean_ratio,
-        blend_image=_given(args, "blend_image"), objective=args.objective,
-        num_samples=_resolve(args, "num_samples", smoke),
-        max_concurrent=_given(args, "max_concurrent"), scheduler=args.scheduler,
-        max_epochs=_resolve(args, "max_epochs", smoke),
-        val_subsample=_resolve(args, "val_subsample", smoke),
-        gpus_per_trial=_default_gpus(device, address) if gpus is None else gpus,
-        cpus_per_trial=args.cpus_per_trial, address=address, output=args.output,
-        name=name or "", resume=args.resume, seed=args.seed,
-        final_seeds=_resolve(args, "final_seeds", smoke), space=_given(args, "space"),
-        zoo_dir=args.zoo_dir, smoke_test=smoke, device=device, precision=args.precision,
-    )
-    if spec.resume and not name:
+    """Build and fully check the spec from parsed flags (see tuner.cmd_search)."""
+    spec = flags.build(ExperimentSpec, args, smoke=bool(getattr(args, "smoke_test", False)))
+    if spec.resume and not hasattr(args, "name"):
         raise UsageError("--resume needs --name: the name of the run to continue")
-    spec.validate()
+    spec.check_world()
     return with_stored_run(spec) if spec.resume else spec
 
 
 def with_stored_run(spec: ExperimentSpec) -> ExperimentSpec:
     """For --resume: the run's stored search settings win; say which given flags are ignored."""
-    import sys
-
     path = spec.run_dir / "spec.json"
     try:
-        stored = ExperimentSpec.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise UsageError(f"--resume: cannot read {path}: {exc}") from None
+    stored = ExperimentSpec.from_dict(data, where=str(path))
     ignored = spec.differences(stored)
     if ignored:
         print(f"note: --resume keeps the run's own {', '.join(ignored)} "

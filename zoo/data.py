@@ -22,7 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zoo import readers
+from zoo.readers import DataError, RawData
+
 __all__ = [
+    "CLEAN_RATIOS",
     "DATASETS",
     "DataError",
     "DatasetInfo",
@@ -33,10 +37,6 @@ __all__ = [
     "default_clean_ratio",
     "load_splits",
 ]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read: a missing root, a malformed file, a bad ratio."""
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,6 @@ class Splits:
     test: Split
 
 
-@dataclass(frozen=True)
-class RawData:
-    """What a source reader returns before splitting."""
-
-    x_train: np.ndarray  # uint8 N x C x H x W
-    y_train: np.ndarray  # int64 N
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
 # ---------------------------------------------------------------------------------------------
 # Dataset facts. Normalization constants are BackdoorBench's (specs/attacks.md, section 2).
 # ---------------------------------------------------------------------------------------------
@@ -113,11 +103,11 @@ _INFOS: dict[str, DatasetInfo] = {
 
 # The defender's clean share of the training set. BackdoorBench uses 5%; digits has only
 # 1,078 training images, so 5% would leave ~5 images per class: 10% keeps ~10 per class.
-_CLEAN_RATIO = {"digits": 0.1, "mnist": 0.05, "cifar10": 0.05, "gtsrb": 0.05, "imagefolder": 0.05}
+CLEAN_RATIOS = {"digits": 0.1, "mnist": 0.05, "cifar10": 0.05, "gtsrb": 0.05, "imagefolder": 0.05}
 
 
 def default_clean_ratio(name: str) -> float:
-    return _CLEAN_RATIO.get(name, 0.05)
+    return CLEAN_RATIOS[name]
 
 
 def dataset_info(name: str, raw: RawData | None = None) -> DatasetInfo:
@@ -158,19 +148,14 @@ def _read_digits(root: Path | None, download: bool) -> RawData:
     return RawData(x_tr, y_tr, x_te, y_te)
 
 
-def _sources() -> dict[str, Callable[[Path | None, bool], RawData]]:
-    from zoo import readers
-
-    return {
-        "digits": _read_digits,
-        "mnist": readers.read_mnist,
-        "cifar10": readers.read_cifar10,
-        "gtsrb": readers.read_gtsrb,
-        "imagefolder": readers.read_imagefolder,
-    }
-
-
-DATASETS = ("digits", "mnist", "cifar10", "gtsrb", "imagefolder")
+SOURCES: dict[str, Callable[[Path | None, bool], RawData]] = {
+    "digits": _read_digits,
+    "mnist": readers.read_mnist,
+    "cifar10": readers.read_cifar10,
+    "gtsrb": readers.read_gtsrb,
+    "imagefolder": readers.read_imagefolder,
+}
+DATASETS = tuple(SOURCES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +208,13 @@ def load_splits(
     >>> s.info.size, len(s.train), len(s.val) + len(s.test)
     (16, 1078, 719)
     """
-    sources = _sources()
-    if name not in sources:
+    if name not in SOURCES:
         raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
     ratio = default_clean_ratio(name) if clean_ratio is None else float(clean_ratio)
     if not 0.0 < ratio <= 1.0:
         raise DataError(f"clean ratio {ratio} is outside (0, 1]")
     root = Path(data_root).expanduser() if data_root is not None else None
-    raw = sources[name](root, download)
+    raw = SOURCES[name](root, download)
     info = dataset_info(name, raw)
     rng = np.random.default_rng(seed)
     clean_idx = _clean_indices(raw.y_train, ratio, balanced, rng)

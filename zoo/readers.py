@@ -44,14 +44,27 @@ import importlib.util
 import pickle
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from zoo.data import DataError, RawData
+__all__ = ["DataError", "RawData", "read_cifar10", "read_gtsrb", "read_imagefolder", "read_mnist"]
 
-__all__ = ["read_cifar10", "read_gtsrb", "read_imagefolder", "read_mnist"]
+
+class DataError(ValueError):
+    """A dataset that cannot be read: a missing root, a malformed file, a bad ratio."""
+
+
+@dataclass(frozen=True)
+class RawData:
+    """What a source reader returns before splitting (``zoo.data.load_splits`` splits it)."""
+
+    x_train: np.ndarray  # uint8 N x C x H x W
+    y_train: np.ndarray  # int64 N
+    x_test: np.ndarray
+    y_test: np.ndarray
 
 
 class _Malformed(ValueError):

@@ -16,7 +16,9 @@ import ctypes
 import functools
 import platform
 import random
+import typing
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,8 +27,8 @@ __all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "eval_b
            "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
            "seed_everything", "to_device_layout", "use_bf16"]
 
-Precision = str  # "auto" | "fp32" | "bf16"
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:

@@ -10,12 +10,10 @@ specs/attacks.md section 2). bf16 autocast where the hardware has it (``precisio
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 import dataclasses
+import math
+import time
 from dataclasses import dataclass
-from typing import TextIO
 
 import torch
 from torch import nn
@@ -24,6 +22,7 @@ from zoo.attacks.base import Attack
 from zoo.data import Split, Splits
 from zoo.loader import DeviceLoader
 from zoo.models import build_model
+from zoo.progress import Progress
 from zoo.runtime import Precision, autocast, prepare_model, seed_everything
 
 __all__ = ["Recipe", "default_recipe", "train_victim"]
@@ -87,29 +86,6 @@ def default_recipe(dataset: str, arch: str, attack: str | None = None) -> Recipe
     return recipe if epochs is None else dataclasses.replace(recipe, epochs=epochs)
 
 
-class _Progress:
-    """One updating stderr line per victim on a TTY; a line every few epochs otherwise."""
-
-    def __init__(self, label: str, epochs: int, enabled: bool, stream: TextIO | None = None,
-                 verb: str = "training", unit: str = "epoch") -> None:
-        self.label, self.epochs, self.enabled = label, epochs, enabled
-        self.verb, self.unit = verb, unit
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = max(1, epochs // 5)
-
-    def update(self, epoch: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        text = f"{self.verb} {self.label}: {self.unit} {epoch}/{self.epochs} loss {loss:.3f}"
-        if self.tty:
-            end = "\n" if epoch == self.epochs else ""
-            self.stream.write(f"\r{text}\x1b[K{end}")
-        elif epoch % self.every == 0 or epoch == self.epochs:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-
 def _epoch(model: nn.Module, loader: DeviceLoader, opt: torch.optim.Optimizer, device: torch.device,
            precision: Precision = "auto") -> float:
     """One pass; returns the mean loss (one host sync per epoch)."""
@@ -144,7 +120,7 @@ def train_victim(
     model = prepare_model(build_model(arch, info), device)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
-    bar = _Progress(f"{attack.name} victim ({arch} on {info.name})", recipe.epochs, progress)
+    bar = Progress(f"{attack.name} victim ({arch} on {info.name})", recipe.epochs, progress)
     train = splits.train.to(device)
     if attack.custom_training:
         attack.fit_victim(model, opt, train, info, poison_rate=poison_rate, recipe=recipe, seed=seed,

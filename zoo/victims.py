@@ -16,40 +16,118 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from zoo.attacks import ATTACKS, DEFAULT_POISON_RATE, Attack, dataset_defaults, make_attack, restore_attack
-from zoo.data import DATASETS, DatasetInfo, Split, Splits, load_splits
+from zoo.attacks import (
+    ATTACKS,
+    DEFAULT_ATTACKS,
+    DEFAULT_POISON_RATE,
+    Attack,
+    check_attack_names,
+    dataset_defaults,
+    make_attack,
+    restore_attack,
+)
+from zoo.data import CLEAN_RATIOS, DATASETS, DataError, DatasetInfo, Split, Splits, load_splits
 from zoo.metrics import Metrics, evaluate
 from zoo.models import ARCHS, Classifier, build_model
-from zoo.runtime import pick_device, prepare_model, reproducible_precision
+from zoo.runtime import PRECISIONS, Precision, pick_device, prepare_model, reproducible_precision
+from zoo.store import Store
 from zoo.train import Recipe, default_recipe, train_victim
 
 __all__ = ["Victim", "ZooSpec", "get_victims", "prepare_attacks", "victim_description"]
 
 
+MAX_SEED = 2**31 - 1  # every seed consumer (numpy, torch, derived loader seeds) accepts it
+
+
+def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata read by the command line (``tuner.flags``): help text and extras."""
+    return {"help": help_text, **extra}
+
+
 @dataclass(frozen=True)
 class ZooSpec:
-    """What the zoo is built from. ``recipe=None`` means :func:`zoo.train.default_recipe`."""
+    """Which victims, from which data, trained how; every value checked on construction.
 
-    dataset: str
-    arch: str = "cnn"
-    # None: DEFAULT_POISON_RATE, or the attack's documented default on this dataset (rate_for).
-    poison_rate: float | None = None
-    seed: int = 0
-    data_root: str | Path | None = None
-    zoo_dir: str | Path | None = None
-    blend_image: str | Path | None = None
-    recipe: Recipe | None = None
+    ``recipe=None`` means :func:`zoo.train.default_recipe`. ``clean_ratio``, ``attacks``,
+    ``device`` and ``precision`` do not determine a victim (they are not part of its key).
+    Bad values raise :class:`zoo.data.DataError` naming the flag and what was expected.
+    """
+
+    dataset: str = field(default="digits", metadata=_opt(
+        "dataset: digits is bundled; the others are read from --data-root", choices=DATASETS))
+    data_root: Path | None = field(default=None, metadata=_opt(
+        "folder holding the dataset files (not needed for digits)"))
+    download: bool = field(default=False, compare=False, metadata=_opt(
+        "mnist, cifar10, gtsrb: fetch the files into --data-root with torchvision's "
+        "downloaders when they are missing (needs a network)", resource=True))
+    arch: str = field(default="cnn", metadata=_opt("victim model architecture", choices=ARCHS))
+    attacks: tuple[str, ...] = field(default=DEFAULT_ATTACKS, compare=False, metadata=_opt(
+        "comma-separated attacks, one victim each ('none' is the clean model)",
+        choices=tuple(ATTACKS), smoke=("badnets",)))
+    poison_rate: float | None = field(default=None, metadata=_opt(
+        "share of the training set the attacker poisons, in (0, 1), for every attack",
+        default_text=f"{DEFAULT_POISON_RATE}, or an attack's documented default on the dataset"))
+    clean_ratio: float | None = field(default=None, compare=False, metadata=_opt(
+        "defender's clean share of the training set, in (0, 1]",
+        default_text="per dataset: " + ", ".join(f"{k} {v:g}" for k, v in CLEAN_RATIOS.items())))
+    seed: int = field(default=0, metadata=_opt(
+        f"seed of the data split, the triggers and the victims' training, 0..{MAX_SEED}"))
+    zoo_dir: Path | None = field(default=None, metadata=_opt(
+        "victim store", default_text="$XDG_CACHE_HOME/backdoor-ft-tuner/zoo"))
+    blend_image: Path | None = field(default=None, metadata=_opt(
+        "image file for the Blended trigger", default_text="a seeded noise pattern"))
+    device: str = field(default="auto", compare=False, metadata=_opt(
+        "auto (CUDA if present), cpu or cuda[:N]", resource=True))
+    precision: Precision = field(default="auto", compare=False, metadata=_opt(
+        "auto: bf16 autocast where the hardware has native bf16 (CUDA, or a CPU with "
+        "AMX/AVX512-BF16), fp32 elsewhere; fp32 or bf16 to force one", resource=True))
+    recipe: Recipe | None = field(default=None, metadata={"cli": False})
     # Per-attack parameter overrides, e.g. {"ssba": {"steps": 50}}; they enter params() and the key.
-    attack_params: dict[str, dict[str, Any]] | None = field(default=None, hash=False)
-    # How victims are trained and measured (zoo.runtime); not part of what determines a victim.
-    # "auto" here is bf16 on CUDA and fp32 on CPU (victim_precision).
-    precision: str = field(default="auto", compare=False)
+    attack_params: dict[str, dict[str, Any]] | None = field(
+        default=None, hash=False, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("data_root", "zoo_dir", "blend_image"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, Path(value).expanduser().absolute())
+        set_(self, "attacks", tuple(self.attacks))
+        if self.dataset not in DATASETS:
+            raise DataError(f"unknown dataset {self.dataset!r}: expected one of {', '.join(DATASETS)}")
+        if self.arch not in ARCHS:
+            raise DataError(f"unknown model {self.arch!r}: expected one of {', '.join(ARCHS)}")
+        check_attack_names(self.attacks, "--attacks")
+        if self.poison_rate is not None and not 0.0 < self.poison_rate < 1.0:
+            raise DataError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
+        if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
+            raise DataError(f"--clean-ratio {self.clean_ratio}: expected a number in (0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed <= MAX_SEED:
+            raise DataError(f"--seed {self.seed!r}: expected a whole number in 0..{MAX_SEED}")
+        if self.dataset != "digits" and self.data_root is None:
+            raise DataError(f"--data-root is required for dataset {self.dataset!r} "
+                            "(only digits is bundled)")
+        if self.blend_image is not None and not self.blend_image.is_file():
+            raise DataError(f"--blend-image {str(self.blend_image)!r} is not a file")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        try:
+            set_(self, "device", str(pick_device(self.device)))
+        except (ValueError, RuntimeError) as exc:
+            raise DataError(f"--device {self.device!r}: {exc}") from None
+
+    def load_splits(self) -> Splits:
+        """The dataset split by :func:`zoo.data.load_splits` with this spec's seed and ratio."""
+        return load_splits(self.dataset, data_root=self.data_root, seed=self.seed,
+                           clean_ratio=self.clean_ratio, download=self.download)
 
     def victim_precision(self, device: torch.device) -> str:
         """Victims train in fp32 on CPU, so a store's victims do not depend on the CPU's bf16
@@ -106,26 +184,14 @@ class Victim:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_spec(spec: ZooSpec, attacks: list[str]) -> None:
-    if spec.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {spec.dataset!r}: expected one of {', '.join(DATASETS)}")
-    if spec.arch not in ARCHS:
-        raise ValueError(f"unknown model {spec.arch!r}: expected one of {', '.join(ARCHS)}")
-    if not attacks:
-        raise ValueError(f"no attacks given: expected any of {', '.join(ATTACKS)}")
-    for name in attacks:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}: expected any of {', '.join(ATTACKS)}")
-    if spec.poison_rate is not None and not 0.0 < spec.poison_rate < 1.0:
-        raise ValueError(f"poison rate {spec.poison_rate}: expected a number in (0, 1)")
+def prepare_attacks(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
+                    ) -> dict[str, Attack]:
+    """Build each attack (``spec.attacks`` when None), checking its poison rate against the data.
 
-
-def prepare_attacks(spec: ZooSpec, attacks: list[str], splits: Splits) -> dict[str, Attack]:
-    """Validate ``spec`` and build each attack, checking its poison rate against the data.
-
-    Raises ValueError (one line, naming the bad value) before any training happens.
+    Raises DataError (one line, naming the bad value) before any training happens.
     """
-    _check_spec(spec, attacks)
+    attacks = spec.attacks if attacks is None else tuple(attacks)
+    check_attack_names(attacks, "attacks")
     out: dict[str, Attack] = {}
     for name in dict.fromkeys(attacks):
         extra = spec.attack_params_for(name)
@@ -137,7 +203,7 @@ def prepare_attacks(spec: ZooSpec, attacks: list[str], splits: Splits) -> dict[s
         try:
             attack.check(splits.train, spec.rate_for(name))
         except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
+            raise DataError(f"{name}: {exc}") from None
         out[name] = attack
     return out
 
@@ -161,16 +227,12 @@ def victim_description(spec: ZooSpec, attack: Attack) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_store(spec: ZooSpec) -> Any:
-    from zoo.store import Store
-
+def _open_store(spec: ZooSpec) -> Store:
     return Store(spec.zoo_dir if spec.zoo_dir is not None else Store.default_root())
 
 
 def _clean_key(spec: ZooSpec, info: DatasetInfo) -> str:
     """Store key of the clean (``none``) victim of ``spec``: what model-dependent triggers come from."""
-    from zoo.store import Store
-
     return Store.key(victim_description(spec, make_attack("none", info, seed=spec.seed)))
 
 
@@ -246,23 +308,23 @@ def _victim(spec: ZooSpec, info: DatasetInfo, splits: Splits, entry: Any, second
 
 def get_victims(
     spec: ZooSpec,
-    attacks: list[str],
+    attacks: Sequence[str] | None = None,
     *,
     splits: Splits | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> list[Victim]:
-    """Load each attack's victim from the store, building (and storing) the missing ones.
+    """Load each attack's victim (``spec.attacks`` when None) from the store, building (and
+    storing) the missing ones, on ``device`` (None: ``spec.device``).
 
-    Validation happens first: a bad dataset, arch, attack or poison rate raises ValueError
-    before anything is trained or written. Concurrent callers build each victim once (the
-    store's lock is held around "get, else build and put").
+    Validation happens first: a bad attack or poison rate raises DataError before anything is
+    trained or written. Concurrent callers build each victim once (the store's lock is held
+    around "get, else build and put").
     """
-    _check_spec(spec, attacks)
     if splits is None:
-        splits = load_splits(spec.dataset, data_root=spec.data_root, seed=spec.seed)
+        splits = spec.load_splits()
     prepared = prepare_attacks(spec, attacks, splits)
-    dev = pick_device(device)
+    dev = pick_device(spec.device if device is None else device)
     store = _open_store(spec)
     victims = []
     for name, attack in prepared.items():

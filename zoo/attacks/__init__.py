@@ -12,6 +12,7 @@ the result in the attack's ``state()`` (see :class:`zoo.attacks.base.Attack`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from zoo.attacks.badnets import BadNets
@@ -27,11 +28,15 @@ from zoo.attacks.ssba import SSBA
 from zoo.attacks.trojannn import TrojanNN
 from zoo.attacks.wanet import WaNet
 from zoo.data import DatasetInfo
+from zoo.readers import DataError
 
-__all__ = ["ATTACKS", "Attack", "DATASET_DEFAULTS", "DEFAULT_POISON_RATE", "dataset_defaults", "make_attack",
-           "restore_attack"]
+__all__ = ["ATTACKS", "Attack", "DATASET_DEFAULTS", "DEFAULT_ATTACKS", "DEFAULT_POISON_RATE",
+           "check_attack_names", "dataset_defaults", "make_attack", "restore_attack"]
 
 DEFAULT_POISON_RATE = 0.1
+# The attacks a search optimizes over unless told otherwise: one each of patch, blend, warp
+# and clean-label signal triggers, all reliable on every dataset here.
+DEFAULT_ATTACKS = ("badnets", "blended", "wanet", "sig")
 
 # Where the literature's defaults (tuned for 32x32 CIFAR-10 with 5,000 images per class) do not
 # carry over to a dataset, the zoo's documented defaults for it: attack parameters, plus
@@ -62,6 +67,18 @@ def _lookup(name: str) -> type[Attack]:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}: expected one of {', '.join(ATTACKS)}")
     return ATTACKS[name]
+
+
+def check_attack_names(names: Sequence[str], flag: str) -> None:
+    """At least one name, each a known attack, each once (``DataError`` naming ``flag``)."""
+    if not names:
+        raise DataError(f"{flag} is empty: expected at least one attack, e.g. badnets")
+    for name in names:
+        if name not in ATTACKS:
+            raise DataError(f"unknown attack {name!r} in {flag}: expected any of {', '.join(ATTACKS)}")
+    dup = sorted({a for a in names if list(names).count(a) > 1})
+    if dup:
+        raise DataError(f"{flag} names {', '.join(dup)} twice: expected each attack once")
 
 
 def dataset_defaults(dataset: str, name: str) -> dict[str, Any]:

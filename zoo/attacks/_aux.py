@@ -13,8 +13,9 @@ from torch import nn
 
 from zoo.attacks.base import Attack
 from zoo.data import DatasetInfo
+from zoo.progress import Progress
 
-__all__ = ["PreparedAttack", "Progress", "digest", "gaussian_kernel", "load_module", "module_state",
+__all__ = ["PreparedAttack", "building_progress", "digest", "gaussian_kernel", "load_module", "module_state",
            "to_model_input"]
 
 
@@ -56,16 +57,9 @@ def load_module(prefix: str, module: nn.Module, state: dict[str, torch.Tensor]) 
     return module.eval()
 
 
-class Progress:
-    """A stderr progress line in zoo.train's style (``building LABEL: step i/N loss L``)."""
-
-    def __init__(self, label: str, total: int, enabled: bool, unit: str = "step") -> None:
-        from zoo.train import _Progress  # lazy: zoo.train imports zoo.attacks
-
-        self._bar = _Progress(label, max(1, total), enabled, verb="building", unit=unit)
-
-    def update(self, i: int, loss: float) -> None:
-        self._bar.update(i, loss)
+def building_progress(label: str, total: int, enabled: bool, unit: str = "step") -> Progress:
+    """A stderr progress line for building a trigger (``building LABEL: step i/N loss L``)."""
+    return Progress(label, total, enabled, verb="building", unit=unit)
 
 
 class PreparedAttack(Attack):

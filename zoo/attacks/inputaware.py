@@ -36,7 +36,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zoo.attacks._aux import PreparedAttack, Progress, digest, load_module, module_state, to_model_input
+from zoo.attacks._aux import (
+    PreparedAttack,
+    building_progress,
+    digest,
+    load_module,
+    module_state,
+    to_model_input,
+)
 from zoo.attacks.base import to_uint8
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader
@@ -176,7 +183,7 @@ class InputAware(PreparedAttack):
         opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.5, 0.9))
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [10, 20], 0.1)
         train = splits.train.to(device)
-        bar = Progress(f"inputaware mask ({self.info.name})", self.mask_epochs, progress, unit="epoch")
+        bar = building_progress(f"inputaware mask ({self.info.name})", self.mask_epochs, progress, unit="epoch")
         for epoch in range(self.mask_epochs):
             one = DeviceLoader(train, self.info, batch_size=self.batch_size, device=device, seed=self.seed * 7 + epoch)
             two = DeviceLoader(train, self.info, batch_size=self.batch_size, device=device,

@@ -78,7 +78,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zoo.attacks._aux import PreparedAttack, Progress, digest, to_model_input
+from zoo.attacks._aux import PreparedAttack, building_progress, digest, to_model_input
 from zoo.attacks.base import poison_indices, to_uint8
 from zoo.data import DatasetInfo, Split
 from zoo.loader import augment
@@ -262,7 +262,7 @@ class LC(PreparedAttack):
         ``splits.train`` (see the module docstring); reproducible from the seed. Eval mode."""
         eps = self.eps if self.at_eps is None else self.at_eps
         alpha = 1.25 * eps if self.at_steps == 1 else 2.5 * eps / self.at_steps
-        bar = Progress(f"lc robust model ({self.info.name}, eps {eps * 255:.3g}/255)", self.at_epochs, progress,
+        bar = building_progress(f"lc robust model ({self.info.name}, eps {eps * 255:.3g}/255)", self.at_epochs, progress,
                        unit="epoch")
         return fast_adversarial_training(reinitialized(clean, self.seed), splits.train, self.info, eps=eps,
                                          alpha=alpha, epochs=self.at_epochs, lr=self.at_lr,
@@ -282,7 +282,7 @@ class LC(PreparedAttack):
         train = splits.train
         idx = torch.nonzero(train.y.cpu() == self.target).flatten()
         chunks = list(torch.split(idx, batch_size))
-        bar = Progress(f"lc adversarial class {self.target} ({len(idx)} images, {self.info.name})", len(chunks),
+        bar = building_progress(f"lc adversarial class {self.target} ({len(idx)} images, {self.info.name})", len(chunks),
                        progress, unit="batch")
         out = []
         right = torch.zeros(2, dtype=torch.int64)  # clean and hardened images still classified right

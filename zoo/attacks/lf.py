@@ -30,7 +30,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zoo.attacks._aux import PreparedAttack, Progress, digest, gaussian_kernel, to_model_input
+from zoo.attacks._aux import (
+    PreparedAttack,
+    building_progress,
+    digest,
+    gaussian_kernel,
+    to_model_input,
+)
 from zoo.attacks.base import to_uint8
 from zoo.data import DatasetInfo
 
@@ -132,7 +138,7 @@ class LF(PreparedAttack):
         x01 = train.x[torch.from_numpy(pick)].to(device).float() / 255.0
         v = torch.zeros_like(x01[0])
         rates: list[float] = []
-        bar = Progress(f"lf pattern ({self.info.name})", self.max_passes, progress, unit="pass")
+        bar = building_progress(f"lf pattern ({self.info.name})", self.max_passes, progress, unit="pass")
         for i in range(self.max_passes):
             for x in x01:
                 with torch.no_grad():

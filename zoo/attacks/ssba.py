@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zoo.attacks._aux import PreparedAttack, Progress, digest, load_module, module_state
+from zoo.attacks._aux import PreparedAttack, building_progress, digest, load_module, module_state
 from zoo.attacks.base import to_uint8
 from zoo.data import DatasetInfo
 
@@ -143,7 +143,7 @@ class SSBA(PreparedAttack):
         opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=self.lr)
         train_x = splits.train.x.to(device)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        bar = Progress(f"ssba encoder ({info.name})", self.steps, progress)
+        bar = building_progress(f"ssba encoder ({info.name})", self.steps, progress)
         ramp_from: int | None = None
         for i in range(self.steps):
             idx = torch.randint(0, len(train_x), (self.batch_size,), generator=gen).to(device)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from zoo.attacks._aux import PreparedAttack, Progress, digest, to_model_input
+from zoo.attacks._aux import PreparedAttack, building_progress, digest, to_model_input
 from zoo.attacks.base import to_uint8
 from zoo.data import DatasetInfo
 
@@ -90,7 +90,7 @@ class TrojanNN(PreparedAttack):
         keep = self.mask.to(device).expand(self.info.channels, -1, -1)[None]
         start = keep.clone()
         t = start.clone()
-        bar = Progress(f"trojannn trigger ({self.info.name})", self.steps, progress)
+        bar = building_progress(f"trojannn trigger ({self.info.name})", self.steps, progress)
         cost = float("nan")
         for i in range(self.steps):
             t.requires_grad_(True)

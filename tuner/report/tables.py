@@ -1,0 +1,70 @@
+"""Render: ``summary.json``, ``best_config.json`` and ``trials.csv`` from :class:`ReportData`."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from tuner.records import METRICS
+from tuner.report.collect import ReportData, Result
+
+__all__ = ["best_config", "summary", "trials_csv"]
+
+
+def _result(r: Result | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    test = None
+    if r.seeds:
+        test = {"score": r.score, "score_std": r.score_std, "seeds": r.seeds,
+                "per_attack": r.mean, "per_attack_std": r.std}
+    return {"params": r.params, "trial": r.trial, "val_score": r.val_score, "test": test}
+
+
+def summary(d: ReportData) -> dict[str, Any]:
+    """``summary.json``: the run's settings and results, means in percent."""
+    s = d.spec
+    return {
+        "defense": s.defense, "dataset": s.zoo.dataset, "arch": s.zoo.arch,
+        "attacks": d.attacks, "holdout_attacks": d.holdout, "objective": d.objective,
+        "num_trials": len(d.trials), "failed_trials": d.failed,
+        "trial_states": {st: sum(t.state == st for t in d.trials)
+                         for st in dict.fromkeys(t.state for t in d.trials)},
+        "wall_seconds": d.timing.get("wall_seconds"), "provenance": d.provenance,
+        "best": _result(d.best), "default": _result(d.default),
+        "no_defense": {"per_attack": d.no_defense},
+        "importances": d.importances,
+    }
+
+
+def best_config(d: ReportData) -> dict[str, Any]:
+    """``best_config.json``: names the defense, holds ``params``; ``evaluate --params`` and
+    ``purify --params`` take it as is."""
+    best = d.best
+    return {
+        "defense": d.spec.defense, "dataset": d.spec.zoo.dataset, "arch": d.spec.zoo.arch,
+        "objective": d.objective, "params": best.params if best else {},
+        "trial": best.trial if best else None,
+        "val_score": best.val_score if best else None,
+        "test_score": best.score if best else None,
+        "run": str(d.spec.name), "git_commit": d.provenance.get("git_commit"),
+    }
+
+
+def trials_csv(d: ReportData) -> str:
+    """One row per trial, numbered as Optuna numbers them; params and last val metrics."""
+    names = list(dict.fromkeys(k for t in d.trials for k in t.params))
+    attacks = list(dict.fromkeys(a for t in d.trials for a in t.per_attack))
+    header = ["trial", "state", "epochs", "score", "diverged", "error", "seconds", "trial_id"]
+    header += [f"param_{n}" for n in names] + [f"{a}_{k}" for a in attacks for k in METRICS]
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    for t in d.trials:
+        row = [t.number, t.state, t.epochs, "" if t.score is None else t.score, t.diverged,
+               t.error or "", t.seconds, t.trial_id]
+        row += [t.params.get(n, "") for n in names]
+        row += [t.per_attack.get(a, {}).get(k, "") for a in attacks for k in METRICS]
+        w.writerow(row)
+    return out.getvalue()
