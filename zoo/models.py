@@ -26,12 +26,17 @@ __all__ = ["ARCHS", "Classifier", "build_model"]
 
 
 class Classifier(nn.Module):
-    """Base: ``forward(x) = head(features(x))``."""
+    """Base: ``forward(x) = head(features(x))``; ``last_block`` is the backbone's last block
+    (the block right before the head's pooling), for defenses that tune it with the head."""
 
     head: nn.Linear
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def last_block(self) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} names no last block")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -75,6 +80,10 @@ class SmallCNN(Classifier):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    @property
+    def last_block(self) -> nn.Module:
+        return self.body[-3]  # the last conv-BN-ReLU, before the global pool and flatten
+
 
 class PreActBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -106,6 +115,10 @@ class PreActResNet18(Classifier):
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(512, num_classes)
+
+    @property
+    def last_block(self) -> nn.Module:
+        return self.layer4[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
