@@ -18,7 +18,8 @@ from torch.nn import functional as F
 
 from zoo.attacks import make_attack
 from zoo.data import DatasetInfo, Split, Splits, load_splits
-from zoo.train import Recipe, train_victim
+from zoo.train import Recipe, default_recipe, train_victim
+from zoo.victims import ZooSpec, get_victims
 
 INFO = DatasetInfo("digits32", 3, 32, 10, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), hflip=False, pad=4)
 
@@ -103,13 +104,10 @@ def digits_victims(attacks: tuple[str, ...] = DIGITS_ATTACKS, *, victim_epochs: 
     ``victim_epochs`` replaces the recipe's epochs (a separate store entry), as the tuner's
     ``--smoke-test`` does; None keeps the documented digits recipe.
     """
-    from zoo.train import default_recipe
-    from zoo.victims import ZooSpec, get_victims
-
-    splits = load_splits("digits", seed=seed, clean_ratio=clean_ratio)
     recipe = None
     if victim_epochs is not None:
         recipe = dataclasses.replace(default_recipe("digits", "cnn"), epochs=victim_epochs)
-    spec = ZooSpec("digits", "cnn", seed=seed, zoo_dir=zoo_dir, recipe=recipe)
-    victims = get_victims(spec, list(attacks), splits=splits, device="cpu", progress=False)
-    return splits, victims
+    spec = ZooSpec("digits", arch="cnn", seed=seed, zoo_dir=zoo_dir, recipe=recipe,
+                   attacks=tuple(attacks), clean_ratio=clean_ratio, device="cpu")
+    splits = spec.load_splits()
+    return splits, get_victims(spec, splits=splits, progress=False)

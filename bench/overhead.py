@@ -27,6 +27,9 @@ from typing import Any
 import torch
 
 from bench._setup import DIGITS_ATTACKS
+from tuner.search import run_search
+from tuner.spec import ExperimentSpec
+from zoo.victims import ZooSpec
 
 
 def search_timing(*, defense: str = "ngf", num_samples: int = 16, scheduler: str = "asha",
@@ -35,15 +38,12 @@ def search_timing(*, defense: str = "ngf", num_samples: int = 16, scheduler: str
                   final_seeds: int = 3, smoke_test: bool = False, zoo_dir: str | None = None,
                   output: str | None = None) -> dict[str, Any]:
     """One search through ``run_search``; its ``timing.json`` plus the derived figures."""
-    from tuner.search import run_search
-    from tuner.spec import ExperimentSpec
-
     with tempfile.TemporaryDirectory() as tmp:
-        spec = ExperimentSpec(defense=defense, attacks=attacks, num_samples=num_samples,
-                              scheduler=scheduler, max_epochs=max_epochs, seed=seed,
+        zoo = ZooSpec(attacks=attacks, seed=seed, zoo_dir=Path(zoo_dir) if zoo_dir else None)
+        spec = ExperimentSpec(defense=defense, zoo=zoo, num_samples=num_samples,
+                              scheduler=scheduler, max_epochs=max_epochs,
                               cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                               final_seeds=final_seeds, smoke_test=smoke_test,
-                              zoo_dir=Path(zoo_dir) if zoo_dir else None,
                               output=Path(output or tmp), name=f"bench-{time.time_ns()}")
         run = run_search(spec)
         timing = json.loads((run / "timing.json").read_text())

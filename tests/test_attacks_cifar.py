@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _formats import SMALL_ATTACK_PARAMS, write_cifar
+
 from zoo.attacks import ATTACKS
 from zoo.data import load_splits
 from zoo.train import Recipe
 from zoo.victims import ZooSpec, get_victims
-
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-
 from _formats import SMALL_ATTACK_PARAMS as SMALL
+
 from zoo.attacks import ATTACKS, make_attack, restore_attack
 from zoo.attacks.base import poison_count
 from zoo.attacks.lc import corner_pattern

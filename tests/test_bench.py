@@ -13,6 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from tuner.spec import ExperimentSpec
 import torch
 
 import defenses
@@ -126,8 +128,8 @@ def test_overhead_figures_come_from_the_runs_timing() -> None:
     from tuner.search import timing
 
     records = [{"seconds": 9.0, "state": "complete"}] * 3 + [{"seconds": 9.0, "state": "pruned"}]
-    t = timing(wall=40.0, victims=2.0, search=19.0, final=10.0, ray_waited=1.0, records=records,
-               slots=2)
+    t = timing(wall=40.0, victims=2.0, search=19.0, final=10.0, ray_waited=1.0,
+               records=[SimpleNamespace(**r) for r in records], slots=2)
     r = summarize(t, records)
     assert r["trial_seconds_sum"] == 36.0 and r["search_wall_seconds"] == 20.0
     assert r["overhead_share"] == pytest.approx(0.1)
@@ -230,21 +232,19 @@ def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> 
     monkeypatch.setattr(trainable.ray, "get_runtime_context",
                         lambda: SimpleNamespace(get_node_id=lambda: "n"))
 
-    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *, seed: int,
-                  device: torch.device, max_epochs: int | None) -> Any:
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *,
+                  device: torch.device, **kw: Any) -> Any:
         seen["device"] = device
         yield {"epoch": 1, "diverged": False,
                "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}}
 
-    spec = {"defense": "ft", "dataset": "digits", "objective": "mean", "seed": 0,
-            "max_epochs": 1, "cpus_per_trial": 1.0}
     before = torch.get_num_threads()
     try:
         for gpus, want_cap, want_dev in ((0.25, [(0.25, "cuda")], "cuda"), (1.0, [], "cuda"),
                                          (0.0, [], "cpu")):
             capped.clear()
-            trainable.trial({}, victims=[], splits=None, spec_dict={**spec, "gpus_per_trial": gpus},
-                            epochs_fn=epochs_fn)
+            spec = ExperimentSpec(defense="ft", name="n", max_epochs=1, gpus_per_trial=gpus)
+            trainable.trial({}, spec=spec, victims=[], splits=None, epochs_fn=epochs_fn)
             assert capped == want_cap and seen["device"].type == want_dev
     finally:
         torch.set_num_threads(before)
@@ -263,15 +263,14 @@ def test_trial_passes_val_subsample_to_the_epoch_loop(monkeypatch: Any) -> None:
         yield {"epoch": 1, "diverged": False,
                "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}}
 
-    spec = {"defense": "ft", "dataset": "digits", "objective": "mean", "seed": 0,
-            "max_epochs": 1, "cpus_per_trial": 1.0, "gpus_per_trial": 0.0, "val_subsample": 64}
+    spec = ExperimentSpec(defense="ft", name="n", max_epochs=1, val_subsample=64)
     before = torch.get_num_threads()
     try:
-        trainable.trial({}, victims=[], splits=None, spec_dict=spec, epochs_fn=epochs_fn)
-        assert seen["val_subsample"] == 64
+        trainable.trial({}, spec=spec, victims=[], splits=None, epochs_fn=epochs_fn)
+        assert seen["val_subsample"] == 64 and seen["max_epochs"] == 1
         seen.clear()
-        trainable.trial({}, victims=[], splits=None, spec_dict={**spec, "val_subsample": None},
-                        epochs_fn=epochs_fn)
-        assert "val_subsample" not in seen
+        trainable.trial({}, spec=dataclasses.replace(spec, val_subsample=None), victims=[],
+                        splits=None, epochs_fn=epochs_fn)
+        assert seen["val_subsample"] is None
     finally:
         torch.set_num_threads(before)

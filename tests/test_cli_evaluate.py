@@ -128,14 +128,14 @@ def test_run_config_measures_test_against_victim_metrics(splits, victims) -> Non
 
 
 def test_parse_params_inline_flat_file_and_best_config(tmp_path: Path) -> None:
-    assert parse_params(None) == {}
-    assert parse_params('{"lr": 0.02}') == {"lr": 0.02}
+    assert parse_params(None) == ({}, None)
+    assert parse_params('{"lr": 0.02}') == ({"lr": 0.02}, None)
     flat = tmp_path / "flat.json"
     flat.write_text('{"epochs": 3}')
-    assert parse_params(str(flat)) == {"epochs": 3}
+    assert parse_params(str(flat)) == ({"epochs": 3}, None)
     best = tmp_path / "best_config.json"
     best.write_text(json.dumps({"defense": "ngf", "params": {"damping": 0.01}, "val_score": 5}))
-    assert parse_params(str(best)) == {"damping": 0.01}
+    assert parse_params(str(best)) == ({"damping": 0.01}, "ngf")
     with pytest.raises(UsageError, match="neither JSON nor a readable file"):
         parse_params("{lr: 1")
     with pytest.raises(UsageError, match="expected a JSON object"):
@@ -149,7 +149,7 @@ def _cli(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--defense", "nope"], "unknown defense 'nope'"),
+    (["--defense", "nope"], "invalid choice: 'nope'"),
     (["--defense", "ngf", "--params", "{oops"], "neither JSON nor a readable file"),
     (["--defense", "ngf", "--params", '{"dampin": 0.1}'], "dampin"),
     (["--defense", "ngf", "--params", '{"epochs": "ten"}'], "epochs"),

@@ -29,7 +29,8 @@ def test_help_explains_every_search_flag(tmp_path: Path) -> None:
                  "--cpus-per-trial", "--address", "--output", "--name", "--resume",
                  "--final-seeds", "--space", "--zoo-dir", "--smoke-test", "--seed"):
         assert flag in out, flag
-    assert "(default: None)" not in out.split("\nattacks:", 1)[1]  # defaults said in words
+    assert "(default None)" not in out and "(default: " not in out  # defaults said in words
+    assert "(default 16; 2 with --smoke-test)" in out  # the spec's defaults, smoke ones too
 
 
 def test_bad_flag_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
@@ -51,7 +52,7 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "smoke"
     for name in REPORT_FILES:
         assert (run / name).is_file(), name
-    assert "trial   2/2" in r.stdout and str(run / "report.md") in r.stdout
+    assert "done (  2/2)" in r.stdout and str(run / "report.md") in r.stdout
     assert "best found" in r.stdout and "no defense" in r.stdout
     summary = json.loads((run / "summary.json").read_text())
     for key in ("defense", "dataset", "attacks", "objective", "num_trials", "best", "default",

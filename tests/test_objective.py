@@ -10,8 +10,8 @@ import pytest
 from tuner.objective import (
     DIVERGED_SCORE,
     OBJECTIVES,
-    diverged_values,
     directions,
+    diverged_values,
     pareto_front,
     score,
     select_best,

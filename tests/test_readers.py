@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _formats import write_cifar
 from PIL import Image
 
-from _formats import write_cifar
 from zoo import readers
 from zoo.data import DataError, load_splits
 

@@ -1,8 +1,9 @@
 """Reliability (issue 6): faults survived, bad input refused, nothing lost.
 
-Faults go through the production code path: the trial function's documented test hook
-``BACKDOOR_TUNER_FAULT`` (tuner/trainable.py), a real ``python -m tuner`` killed with SIGKILL,
-a worker node removed from a local ``ray.cluster_utils.Cluster``, files damaged in the zoo.
+Faults go through the production code path: a search driver (the CLI's own parser, spec and
+``run_search``) whose trials run an epoch function that raises or sleeps (installed by the test,
+``run_search(epochs_fn=...)``), a driver killed with SIGKILL, a worker node removed from a local
+``ray.cluster_utils.Cluster``, files damaged in the zoo.
 Already covered elsewhere (not repeated here): SIGINT of a driver and resume to exactly
 --num-samples (test_search_ray), an unreachable --address at the Ray layer (test_search_ray),
 store-level truncation/flip/pickle/lock (test_store), a truncated victim through get_victims
@@ -27,14 +28,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from _formats import write_cifar as _write_cifar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from _formats import write_cifar as _write_cifar
 from test_readers import _replace_batch, _write_mnist
 from test_store import _Boom
+
 from tuner import cli
-from tuner.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_SPACE = ("defense: ft\nparams:\n  lr: {type: categorical, choices: [0.01, 1.0e+30]}\n"
@@ -52,54 +52,77 @@ def _tuner(*argv: str, timeout: float, **env: str) -> subprocess.CompletedProces
                           text=True, timeout=timeout, cwd=ROOT, env=_env(**env))
 
 
+# A search driver as `python -m tuner` runs it, with the trials' epoch function replaced:
+# FAULT=raise makes trial 1 (the second created, every attempt) raise at its start;
+# FAULT=slow makes every epoch 2 s longer (to interrupt a search mid-way).
+DRIVER = textwrap.dedent("""
+    import os, sys, time
+    from tuner import cli
+    from tuner.evaluation import trial_epochs
+    from tuner.search import run_search
+    from tuner.spec import from_args
+
+    def faulty(*args, **kwargs):
+        if os.environ["FAULT"] == "raise":
+            from ray import tune
+            if tune.get_context().get_trial_id().endswith("_00001"):
+                raise RuntimeError("injected fault in trial 1")
+        for item in trial_epochs(*args, **kwargs):
+            if os.environ["FAULT"] == "slow":
+                time.sleep(2.0)
+            yield item
+
+    try:
+        run_search(from_args(cli.build_parser().parse_args(["search", *sys.argv[1:]])),
+                   epochs_fn=faulty)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+""")
+
+
+def _driver_argv(*argv: str) -> list[str]:
+    return [sys.executable, "-c", DRIVER, *argv]
+
+
 @pytest.fixture(scope="module")
 def smoke_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The --smoke-test badnets victim, built once for every CLI search of this module."""
-    from tuner.search import _check_victims, _load_victims
     from tuner.spec import ExperimentSpec
+    from zoo.victims import ZooSpec, get_victims
 
     zoo = tmp_path_factory.mktemp("smoke_zoo")
-    spec = ExperimentSpec(defense="ft", smoke_test=True, attacks=("badnets",), name="x",
-                          zoo_dir=zoo, output=zoo.parent / "unused")
-    _load_victims(spec, *_check_victims(spec))
+    spec = ExperimentSpec(defense="ft", smoke_test=True, name="x", output=zoo.parent / "unused",
+                          zoo=ZooSpec(attacks=("badnets",), zoo_dir=zoo))
+    get_victims(spec.victims, progress=False)
     return zoo
 
 
 # -- 1. trial faults ---------------------------------------------------------------------------
-def test_fault_hook_parses_and_refuses_nonsense() -> None:
-    from tuner.trainable import parse_fault, trial_number
-
-    assert parse_fault("") == {}
-    assert parse_fault("raise:trial=2; slow:seconds=0.5") == {"raise": 2.0, "slow": 0.5}
-    for bad in ("raise", "raise:trial=x", "boom:trial=1", "slow:trial=1", "slow:seconds=-1"):
-        with pytest.raises(UsageError, match="BACKDOOR_TUNER_FAULT"):
-            parse_fault(bad)
-    assert trial_number("/r/ray/trial_ab12cd34_3_lr=0.01_2025-01-01", "ab12cd34") == 3
-    assert trial_number("/r/ray/odd", "ab12cd34") is None
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_diverged_and_raising_trials_are_recorded_and_the_search_completes(
         tmp_path: Path, smoke_zoo: Path) -> None:
     space = tmp_path / "space.yaml"
     space.write_text(FAULT_SPACE)
-    r = _tuner("--defense", "ft", "--smoke-test", "--num-samples", "3", "--space", str(space),
-               "--output", str(tmp_path / "runs"), "--name", "faults", "--zoo-dir",
-               str(smoke_zoo), timeout=280, BACKDOOR_TUNER_FAULT="raise:trial=2")
+    r = subprocess.run(_driver_argv(
+        "--defense", "ft", "--smoke-test", "--num-samples", "3", "--space", str(space),
+        "--output", str(tmp_path / "runs"), "--name", "faults", "--zoo-dir", str(smoke_zoo)),
+        capture_output=True, text=True, timeout=280, cwd=ROOT, env=_env(FAULT="raise"))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "faults"
     trials = json.loads((run / "trials.json").read_text())
     assert [t["state"] for t in trials][:2] == ["diverged", "error"], trials
+    assert [t["number"] for t in trials] == [0, 1, 2]
     assert trials[0]["params"]["lr"] == 1e30 and isinstance(trials[0]["score"], float)
-    assert "injected fault in trial 2" in trials[1]["error"]
+    assert "injected fault in trial 1" in trials[1]["error"]
     assert len(trials) == 3 and trials[2]["state"] in ("complete", "diverged")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed_trials"] == 1 and summary["num_trials"] == 3
     rows = list(csv.DictReader((run / "trials.csv").open()))
     assert [row["state"] for row in rows].count("error") == 1
     assert any("injected fault" in row["error"] for row in rows)
-    assert "injected fault in trial 2" in (run / "report.md").read_text()
+    assert "injected fault in trial 1" in (run / "report.md").read_text()
     _assert_nothing_executable(run)
 
 
@@ -120,8 +143,8 @@ def _assert_nothing_executable(run: Path) -> None:
 def _sleeper(log: str, seconds: float, epochs: int) -> Any:
     """A picklable fake ``trial_epochs`` that logs its starts (to see retries)."""
 
-    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *, seed: int,
-                  device: Any, max_epochs: int | None) -> Iterator[dict]:
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, **kw: Any
+                  ) -> Iterator[dict]:
         with open(log, "a") as f:
             f.write(f"start {json.dumps(params, sort_keys=True)}\n")
         for epoch in range(1, epochs + 1):
@@ -141,6 +164,8 @@ def test_lost_worker_node_trials_are_retried_and_num_samples_kept(tmp_path: Path
     from tuner import trainable
     from tuner.spaces import load_space
     from tuner.spec import ExperimentSpec
+    from tuner.study import sampler_settings
+    from zoo.victims import ZooSpec
 
     mem = 80 * 1024 * 1024
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -161,20 +186,21 @@ def test_lost_worker_node_trials_are_retried_and_num_samples_kept(tmp_path: Path
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         head = ray.get_runtime_context().get_node_id()
-        spec = ExperimentSpec(defense="ft", attacks=("badnets",), output=tmp_path, name="run",
-                              scheduler="fifo", max_epochs=1, num_samples=3)
+        spec = ExperimentSpec(defense="ft", zoo=ZooSpec(attacks=("badnets",)), output=tmp_path,
+                              name="run", scheduler="fifo", max_epochs=1, num_samples=3)
         killer.start()
         records = trainable.run_tune(spec, load_space("ft", dataset="digits"),
-                                     [SimpleNamespace(attack="badnets")],
-                                     None, epochs_fn=_sleeper(str(log), 3.0, 1))
+                                     [SimpleNamespace(attack="badnets")], None, max_t=1,
+                                     sampler=sampler_settings(0, 3),
+                                     epochs_fn=_sleeper(str(log), 3.0, 1))
     finally:
         killer.join(timeout=70)
         ray.shutdown()
         cluster.shutdown()
-    assert len(records) == 3 and [r["state"] for r in records] == ["complete"] * 3, records
-    assert len({r["trial_id"] for r in records}) == 3
+    assert len(records) == 3 and [r.state for r in records] == ["complete"] * 3, records
+    assert len({r.trial_id for r in records}) == 3
     assert log.read_text().count("start") == 4, "the lost trial was not retried exactly once"
-    assert {r["node"] for r in records} == {head}, "a trial ended on the removed node"
+    assert {r.node for r in records} == {head}, "a trial ended on the removed node"
 
 
 # -- 3. the driver killed, then --resume ---------------------------------------------------------
@@ -183,7 +209,7 @@ class _Driver:
 
     def __init__(self, *argv: str, **env: str) -> None:
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "tuner", *argv], cwd=ROOT,
+        self.proc = subprocess.Popen(_driver_argv(*argv), cwd=ROOT,
                                      env=_env(**env), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
@@ -228,10 +254,10 @@ def test_sigint_then_sigkill_then_resume_runs_each_trial_once(tmp_path: Path,
                                                               smoke_zoo: Path) -> None:
     out = tmp_path / "runs"
     base = ("--defense", "ft", "--output", str(out), "--name", "kill", "--zoo-dir", str(smoke_zoo))
-    slow = {"BACKDOOR_TUNER_FAULT": "slow:seconds=2"}
+    slow = {"FAULT": "slow"}
     # Ctrl-C: a clean stop that prints the command that resumes.
     first = _Driver(*base, "--smoke-test", "--num-samples", "5", "--max-concurrent", "1", **slow)
-    first.wait_for("trial   1/5", timeout=150)
+    first.wait_for("done (  1/5)", timeout=150)
     first.proc.send_signal(signal.SIGINT)
     assert first.proc.wait(timeout=60) == 130
     first.end_group()
@@ -366,10 +392,10 @@ def _bad_argv(case: str, tmp: Path) -> tuple[list[str], str]:
     blocker = tmp / "file"
     blocker.write_text("x")
     table: dict[str, tuple[list[str], str]] = {
-        "defense": (["--defense", "nope"], "unknown defense 'nope'"),
+        "defense": (["--defense", "nope"], "invalid choice: 'nope'"),
         "attack": (["--defense", "ft", "--attacks", "zzz"], "unknown attack 'zzz'"),
-        "dataset": (["--defense", "ft", "--dataset", "nope"], "unknown dataset 'nope'"),
-        "model": (["--defense", "ft", "--arch", "vit"], "unknown model 'vit'"),
+        "dataset": (["--defense", "ft", "--dataset", "nope"], "invalid choice: 'nope'"),
+        "model": (["--defense", "ft", "--arch", "nosuchnet"], "invalid choice: 'nosuchnet'"),
         "objective": (["--defense", "ft", "--objective", "best"], "--objective"),
         "zero samples": (["--defense", "ft", "--num-samples", "0"], "--num-samples 0"),
         "negative samples": (["--defense", "ft", "--num-samples", "-3"], "--num-samples -3"),
@@ -454,23 +480,9 @@ def test_random_flag_values_are_accepted_or_refused_in_one_line(
         err = capsys.readouterr().err
         assert exc.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         return
-    except UsageError as exc:
+    except cli.USER_ERRORS as exc:
         assert "\n" not in str(exc) and flag in str(exc), str(exc)
         return
-    assert spec.num_samples >= 1 and spec.cpus_per_trial > 0 and (spec.poison_rate is None or 0 < spec.poison_rate < 1)
+    rate = spec.zoo.poison_rate
+    assert spec.num_samples >= 1 and spec.cpus_per_trial > 0 and (rate is None or 0 < rate < 1)
     assert not (tmp_path / "runs").exists()
-
-
-# -- 6. security -----------------------------------------------------------------------------------
-def test_local_ray_starts_without_a_dashboard_and_alone() -> None:
-    from tuner.trainable import local_init_kwargs
-
-    kwargs = local_init_kwargs(2)
-    assert kwargs["include_dashboard"] is False and kwargs["address"] == "local"
-    assert kwargs.get("dashboard_host", "127.0.0.1") in ("127.0.0.1", "localhost")
-
-
-def test_docs_say_what_a_cluster_user_must_secure() -> None:
-    text = (ROOT / "README.md").read_text()
-    for needle in ("RAY_AUTH_MODE", "token", "--resume", "safetensors", "BACKDOOR_TUNER_FAULT"):
-        assert needle in text, needle

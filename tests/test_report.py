@@ -13,6 +13,9 @@ import pytest
 
 from tuner.errors import UsageError
 from tuner.report import collect, write_report
+from tuner.report.markdown import render_markdown
+from tuner.spec import ExperimentSpec
+from zoo.victims import ZooSpec
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SPACE = {
@@ -33,9 +36,10 @@ def _pa(acc: float, asr: float, ra: float = 50.0, der: float = 60.0) -> dict:
 
 def _trial(i: int, lr: float, epochs: int, acc: float, asr: float, **kw) -> dict:
     per = {"badnets": _pa(acc, asr), "blended": _pa(acc - 2, asr + 4)}
-    row = {"trial_id": f"t{i}", "params": {"lr": lr, "epochs": epochs}, "state": "COMPLETE",
-           "epochs": epochs, "score": (acc - asr + acc - 2 - asr - 4) / 2, "per_attack": per,
-           "diverged": False, "error": None, "seconds": 1.5, "history": []}
+    score = (acc - asr + acc - 2 - asr - 4) / 2
+    row = {"number": i, "trial_id": f"t{i}", "params": {"lr": lr, "epochs": epochs},
+           "state": "complete", "epochs": epochs, "score": score, "values": [score],
+           "per_attack": per, "diverged": False, "error": None, "seconds": 1.5, "history": []}
     row.update(kw)
     return row
 
@@ -48,16 +52,19 @@ def _seed(shift: float) -> dict:
 
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
-    spec = {"defense": "ft", "dataset": "digits", "arch": "cnn", "attacks": ["badnets", "blended"],
-            "holdout_attacks": ["sig"], "objective": "mean", "seed": 0, "num_samples": 6,
-            "scheduler": "asha", "poison_rate": 0.1}
+    spec = ExperimentSpec(defense="ft", name="run", output=tmp_path, num_samples=6,
+                          zoo=ZooSpec(attacks=("badnets", "blended"), poison_rate=0.1),
+                          holdout_attacks=("sig",)).to_dict()
+    spec["provenance"] = {"git_commit": "abc123", "versions": {"torch": "2.14.1"},
+                          "sampler": {"class": "TPESampler", "seed": 0}}
     trials = [
         _trial(0, 0.01, 10, 90, 40),
         _trial(1, 0.03, 15, 88, 5),
         _trial(2, 0.002, 6, 95, 90),
-        _trial(3, 0.04, 20, 0, 100, diverged=True, score=-100.0),
-        _trial(4, 0.02, 12, 0, 0, state="ERROR", error="RuntimeError: boom", score=None,
-               per_attack={}),
+        _trial(3, 0.04, 20, 0, 100, diverged=True, state="diverged", score=-100.0,
+               values=[-100.0]),
+        _trial(4, 0.02, 12, 0, 0, state="error", error="RuntimeError: boom", score=None,
+               values=[], per_attack={}),
         _trial(5, 0.015, 8, 89, 20),
     ]
     final = {"best": {"params": {"lr": 0.03, "epochs": 15}, "val_score": 81.0,
@@ -73,7 +80,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 OUTPUTS = ("report.md", "summary.json", "best_config.json", "trials.csv", "objective.png",
-           "pareto.png", "importance.png")
+           "pareto.png", "importance.png")  # the last three are images
 
 
 def test_write_report_writes_every_file_and_pngs_are_images(run_dir: Path) -> None:
@@ -87,13 +94,12 @@ def test_write_report_writes_every_file_and_pngs_are_images(run_dir: Path) -> No
 def test_summary_keys_and_seed_statistics(run_dir: Path) -> None:
     write_report(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
-    assert list(s) == ["defense", "dataset", "arch", "attacks", "holdout_attacks", "objective",
-                       "num_trials", "failed_trials", "wall_seconds", "best", "default",
-                       "no_defense"]
     assert (s["num_trials"], s["failed_trials"], s["wall_seconds"]) == (6, 1, 123.4)
+    assert s["trial_states"] == {"complete": 4, "diverged": 1, "error": 1}
+    assert s["provenance"]["git_commit"] == "abc123"
     best = s["best"]
-    assert set(best) == {"params", "val_score", "test"}
-    assert set(best["test"]) == {"score", "score_std", "per_attack"}
+    assert best["params"] == {"lr": 0.03, "epochs": 15}
+    assert best["test"]["seeds"] == 3
     assert set(best["test"]["per_attack"]) == {"badnets", "blended", "sig"}  # held out included
     assert best["test"]["per_attack"]["badnets"]["acc"] == pytest.approx(92.0)  # 90, 92, 94
     assert best["test"]["per_attack"]["sig"]["asr"] == pytest.approx(28.0)
@@ -115,6 +121,7 @@ def test_trials_csv_has_one_row_per_trial(run_dir: Path) -> None:
     write_report(run_dir)
     with (run_dir / "trials.csv").open() as fh:
         rows = list(csv.DictReader(fh))
+    assert [r["trial"] for r in rows] == [str(i) for i in range(6)]
     assert [r["trial_id"] for r in rows] == [f"t{i}" for i in range(6)]
     assert rows[4]["error"] == "RuntimeError: boom" and rows[4]["score"] == ""
     assert rows[3]["diverged"] == "True"
@@ -162,7 +169,7 @@ def test_missing_or_invalid_run_dir_is_a_usage_error(tmp_path: Path) -> None:
         collect(tmp_path)
     (tmp_path / "spec.json").write_text("{not json")
     (tmp_path / "trials.json").write_text("[]")
-    with pytest.raises(UsageError, match="unreadable JSON"):
+    with pytest.raises(UsageError, match="not valid JSON"):
         collect(tmp_path)
 
 
@@ -177,10 +184,12 @@ def test_cli_report_rerenders_and_reports_bad_dir(run_dir: Path, tmp_path_factor
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "not a directory" in out.stderr
 
 
-def test_poison_rate_row_names_the_attacks_off_the_default() -> None:
-    from tuner.report import _rates
-
-    assert _rates({"poison_rate": 0.05}) == "0.05"
-    assert _rates({"poison_rate": None, "poison_rates": {"none": None, "badnets": 0.1, "blended": 0.1,
-                                                          "sig": 0.08}}) == "0.1 (sig 0.08)"
-    assert _rates({}) == "n/a"
+def test_poison_rate_row_names_the_attacks_off_the_default(run_dir: Path) -> None:
+    assert "| poison rate | 0.10 |" in render_markdown(collect(run_dir))
+    spec = json.loads((run_dir / "spec.json").read_text())
+    spec["zoo"]["poison_rate"] = None
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    final = json.loads((run_dir / "final.json").read_text())
+    final["poison_rates"] = {"none": None, "badnets": 0.1, "blended": 0.1, "sig": 0.08}
+    (run_dir / "final.json").write_text(json.dumps(final))
+    assert "| poison rate | 0.1 (sig 0.08) |" in render_markdown(collect(run_dir))

@@ -26,8 +26,11 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import ray  # noqa: E402
 
 from tuner import trainable  # noqa: E402
+from tuner.records import TrialRecord, epoch_report, unflatten  # noqa: E402
 from tuner.spaces import load_space  # noqa: E402
 from tuner.spec import ExperimentSpec  # noqa: E402
+from tuner.study import AskTell, export, sampler_settings  # noqa: E402
+from zoo.victims import ZooSpec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_ARGS = {"include_dashboard": False, "log_to_driver": False,
@@ -37,8 +40,8 @@ RAY_ARGS = {"include_dashboard": False, "log_to_driver": False,
 def sleeper(seconds: float, log: str | None = None, epochs: int = 1) -> Any:
     """A picklable fake ``trial_epochs``: ``epochs`` epochs of ``seconds``, score from ``lr``."""
 
-    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, *, seed: int,
-                  device: Any, max_epochs: int | None) -> Iterator[dict]:
+    def epochs_fn(defense: str, params: dict, victims: list, splits: Any, **kw: Any
+                  ) -> Iterator[dict]:
         key = json.dumps(params, sort_keys=True)
         if log:
             with open(log, "a") as f:
@@ -57,9 +60,16 @@ def sleeper(seconds: float, log: str | None = None, epochs: int = 1) -> Any:
 
 
 def make_spec(tmp_path: Path, **kw: Any) -> ExperimentSpec:
-    base = dict(defense="ft", attacks=("badnets",), output=tmp_path, name="run",
+    base = dict(defense="ft", zoo=ZooSpec(attacks=("badnets",)), output=tmp_path, name="run",
                 scheduler="fifo", max_epochs=1, cpus_per_trial=1.0, num_samples=2)
     return ExperimentSpec(**{**base, **kw})
+
+
+def run(spec: ExperimentSpec, epochs_fn: Any, max_t: int | None = None) -> list[TrialRecord]:
+    space = load_space(spec.defense, dataset="digits")
+    return trainable.run_tune(spec, space, VICTIMS, None, epochs_fn=epochs_fn,
+                              max_t=max_t or spec.max_epochs or 1,
+                              sampler=sampler_settings(0, spec.num_samples))
 
 
 VICTIMS = [SimpleNamespace(attack="badnets")]
@@ -73,66 +83,62 @@ def ray_local() -> Iterator[None]:
 
 
 # -- pure helpers ----------------------------------------------------------------------------
-def test_gpu_share_caps_memory_and_threads_follow_cpus() -> None:
-    assert trainable.gpu_memory_fraction(0.25) == 0.25
-    assert trainable.gpu_memory_fraction(0) is None and trainable.gpu_memory_fraction(2) is None
-    assert trainable.torch_threads(0.5) == 1 and trainable.torch_threads(3.0) == 3
-    assert trainable.concurrency({"CPU": 16, "GPU": 1}, 1, 0.25) == 4
-    assert trainable.concurrency({"CPU": 2}, 1, 0) == 2
-    assert trainable.concurrency({"CPU": 2, "GPU": 1}, 1, 0.3) == 2
-
-
-def test_epoch_metrics_flatten_and_mark_finished() -> None:
+def test_epoch_report_flattens_and_marks_finished() -> None:
     item = {"epoch": 2, "diverged": False,
             "per_attack": {"sig": {"acc": 90.0, "asr": 20.0, "ra": 70.0, "der": 80.0}}}
-    m = trainable.epoch_metrics(item, "mean", planned=3)
+    m = epoch_report(item, "mean", planned=3)
     assert m["score"] == m["value_0"] == 70.0 and m["sig/asr"] == 20.0
-    assert not m["finished"] and trainable.epoch_metrics(item, "mean", planned=2)["finished"]
-    pareto = trainable.epoch_metrics(item, "pareto", planned=2)
+    assert not m["finished"] and epoch_report(item, "mean", planned=2)["finished"]
+    pareto = epoch_report(item, "pareto", planned=2)
     assert (pareto["value_0"], pareto["value_1"]) == (90.0, 20.0)
-    assert trainable.unflatten(m) == item["per_attack"]
+    assert unflatten(m) == item["per_attack"]
 
 
-def test_asha_stopped_trial_reaches_optuna_as_pruned(tmp_path: Path) -> None:
+def test_asha_stopped_trial_reaches_optuna_as_pruned() -> None:
     import optuna
 
-    spec = make_spec(tmp_path, num_samples=3)
-    searcher = trainable.build_searcher(spec, load_space("ft", dataset="digits"))
-    first = searcher.suggest("a")
-    assert first == load_space("ft", dataset="digits").default  # paper default goes first
-    searcher.suggest("b")
+    space = load_space("ft", dataset="digits")
+    study = AskTell(space.distributions, "mean", space.default)
+    number, first = study.ask("a")
+    assert (number, first) == (0, space.default)  # the paper default goes first, as trial 0
+    assert study.ask("b")[0] == 1
     for tid, finished in (("a", True), ("b", False)):
-        result = {"value_0": 50.0, "score": 50.0, "training_iteration": 1, "finished": finished}
-        searcher.on_trial_result(tid, result)
-        searcher.on_trial_complete(tid, result)
-    states = [t.state for t in searcher._ot_study.trials]
+        result = {"value_0": 50.0, "score": 50.0, "epoch": 1, "finished": finished}
+        study.report(tid, result)
+        study.tell(tid, result, error=False)
+    states = [t.state for t in study.study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert study.study.trials[1].intermediate_values == {1: 50.0}
+
+
+def _record(number: int, params: dict, state: str, score: float | None, per_attack: dict,
+            **kw: Any) -> TrialRecord:
+    history = ({"epoch": 1, "value_0": score},) if score is not None else ()
+    return TrialRecord(number=number, trial_id=f"t{number}", params=params, state=state,
+                       epochs=1, score=score, values=(score,) if score is not None else (),
+                       per_attack=per_attack, diverged=False, error=kw.get("error"),
+                       seconds=1.0, history=history)
 
 
 def test_study_export_and_best_prefers_complete_trials(tmp_path: Path) -> None:
     import optuna
 
-    from tuner.search import export_study, pick_best
+    from tuner.search import pick_best
 
     space = load_space("ft", dataset="digits")
     pa = {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 90.0}}
     hi = {"badnets": {"acc": 99.0, "asr": 1.0, "ra": 90.0, "der": 95.0}}
-    rec = dict(diverged=False, error=None, seconds=1.0, epochs=1)
     records = [
-        {**rec, "trial_id": "t1", "params": dict(space.default), "state": "complete",
-         "score": 85.0, "values": [85.0], "per_attack": pa,
-         "history": [{"epoch": 1, "value_0": 85.0}]},
-        {**rec, "trial_id": "t2", "params": {**space.default, "lr": 0.02}, "state": "pruned",
-         "score": 98.0, "values": [98.0], "per_attack": hi,
-         "history": [{"epoch": 1, "value_0": 98.0}]},
-        {**rec, "trial_id": "t3", "params": {**space.default, "lr": 0.03}, "state": "error",
-         "score": None, "values": [], "per_attack": {}, "history": [], "error": "boom"},
+        _record(0, dict(space.default), "complete", 85.0, pa),
+        _record(1, {**space.default, "lr": 0.02}, "pruned", 98.0, hi),
+        _record(2, {**space.default, "lr": 0.03}, "error", None, {}, error="boom"),
     ]
-    assert pick_best(records, "mean")["trial_id"] == "t1"
-    assert export_study(tmp_path / "study.db", records, space, "mean", "s") == 3
+    best = pick_best(records, "mean")
+    assert best is not None and best.number == 0
+    assert export(tmp_path / "study.db", records, space.distributions, "mean", "s") == 3
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED", "FAIL"]
-    assert study.best_value == 85.0
+    assert [t.number for t in study.trials] == [0, 1, 2] and study.best_value == 85.0
 
 
 # -- real Ray ----------------------------------------------------------------------------------
@@ -140,14 +146,15 @@ def test_study_export_and_best_prefers_complete_trials(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_four_quarter_gpu_trials_run_at_once(tmp_path: Path, ray_local: None) -> None:
     spec = make_spec(tmp_path, num_samples=4, gpus_per_trial=0.25)
-    records = trainable.run_tune(spec, load_space("ft", dataset="digits"), VICTIMS, None,
-                                 epochs_fn=sleeper(3.0))
-    assert len(records) == 4 and all(r["state"] == "complete" for r in records)
-    starts = [r["started_at"] for r in records]
-    ends = [r["started_at"] + r["seconds"] for r in records]
+    assert trainable.max_concurrent(spec) == 4
+    records = run(spec, sleeper(6.0))  # long enough to overlap on a loaded machine
+    assert len(records) == 4 and all(r.state == "complete" for r in records)
+    starts = [r.started_at or 0.0 for r in records]
+    ends = [s + r.seconds for s, r in zip(starts, records)]
     assert max(starts) < min(ends), "the four 0.25-GPU trials did not overlap"
-    assert records[0]["per_attack"]["badnets"]["asr"] == 10.0
-    assert records[0]["params"] == load_space("ft", dataset="digits").default  # created first
+    assert records[0].per_attack["badnets"]["asr"] == 10.0
+    assert [r.number for r in records] == [0, 1, 2, 3]
+    assert records[0].params == load_space("ft", dataset="digits").default  # trial 0
     assert (tmp_path / "run" / "ray").is_dir()
 
 
@@ -156,17 +163,15 @@ def test_four_quarter_gpu_trials_run_at_once(tmp_path: Path, ray_local: None) ->
 def test_pareto_search_with_asha_reports_two_values(tmp_path: Path, ray_local: None) -> None:
     import optuna
 
-    from tuner.search import export_study
-
     space = load_space("ft", dataset="digits")
     spec = make_spec(tmp_path, num_samples=4, objective="pareto", scheduler="asha",
                      max_epochs=3)
-    records = trainable.run_tune(spec, space, VICTIMS, None, epochs_fn=sleeper(0.2, epochs=3))
-    assert len(records) == 4 and {r["state"] for r in records} <= {"complete", "pruned"}
-    assert all(len(r["values"]) == 2 and r["history"] for r in records)
-    done = [r for r in records if r["state"] == "complete"]
-    assert done and all(r["epochs"] == 3 and r["values"][1] == pytest.approx(10 / 3) for r in done)
-    export_study(tmp_path / "study.db", records, space, "pareto", "p")
+    records = run(spec, sleeper(0.2, epochs=3))
+    assert len(records) == 4 and {r.state for r in records} <= {"complete", "pruned"}
+    assert all(len(r.values) == 2 and r.history for r in records)
+    done = [r for r in records if r.state == "complete"]
+    assert done and all(r.epochs == 3 and r.values[1] == pytest.approx(10 / 3) for r in done)
+    export(tmp_path / "study.db", records, space.distributions, "pareto", "p")
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert study.directions[1] == optuna.study.StudyDirection.MINIMIZE and study.best_trials
 
@@ -182,14 +187,12 @@ def test_trials_spread_over_two_nodes(tmp_path: Path) -> None:
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
-        spec = make_spec(tmp_path, num_samples=2)
-        records = trainable.run_tune(spec, load_space("ft", dataset="digits"), VICTIMS, None,
-                                     epochs_fn=sleeper(4.0))
+        records = run(make_spec(tmp_path, num_samples=2), sleeper(4.0))
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert all(r["state"] == "complete" for r in records)
-    assert len({r["node"] for r in records}) == 2
+    assert all(r.state == "complete" for r in records)
+    assert len({r.node for r in records}) == 2
 
 
 DRIVER = textwrap.dedent("""
@@ -201,12 +204,17 @@ DRIVER = textwrap.dedent("""
     from tuner import trainable
     from tuner.spaces import load_space
     from tuner.spec import ExperimentSpec
-    spec = ExperimentSpec(**json.loads(sys.argv[1]))
-    with trainable.ray_session(spec):
+    from tuner.study import sampler_settings
+    spec = ExperimentSpec.from_dict(json.loads(sys.argv[1]))
+    trainable.start_ray(spec)
+    try:
         records = trainable.run_tune(spec, load_space("ft", dataset="digits"),
-                                     [SimpleNamespace(attack="badnets")], None,
+                                     [SimpleNamespace(attack="badnets")], None, max_t=1,
+                                     sampler=sampler_settings(0, spec.num_samples),
                                      epochs_fn=sleeper(1.5, sys.argv[2]))
-    print("RECORDS", json.dumps([r["state"] for r in records]))
+    finally:
+        trainable.stop_ray()
+    print("RECORDS", json.dumps([r.state for r in records]))
 """)
 
 
@@ -248,41 +256,24 @@ def test_unreachable_address_fails_fast_with_one_line(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, address="127.0.0.1:1")
     start = time.time()
     with pytest.raises(UsageError, match="no Ray cluster answers"):
-        with trainable.ray_session(spec):
-            pass
-    assert time.time() - start < 30
+        trainable.start_ray(spec)
+    assert time.time() - start < 30 and not ray.is_initialized()
 
 
-def test_local_ray_preloads_what_a_trial_imports() -> None:
-    kwargs = trainable.local_init_kwargs(2, ("tuner.trainable", "torch._dynamo"))
-    assert kwargs["_system_config"] == {"preload_python_modules": ["tuner.trainable", "torch._dynamo"]}
-    assert "_system_config" not in trainable.local_init_kwargs(2)
-    for name in trainable.PRELOAD_MODULES:  # each one exists (Ray only logs a failed preload)
-        __import__(name)
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_local_ray_workers_import_what_a_trial_needs_at_start(tmp_path: Path) -> None:
+    @ray.remote
+    def preloaded() -> bool:
+        import sys
 
+        return "tuner.evaluation" in sys.modules and "defenses" in sys.modules
 
-def test_trial_actors_are_registered_without_a_runtime_env(monkeypatch) -> None:
-    from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE, _ActorClassCache
-
-    class Trainable:
-        pass
-
-    for name in ENV_VARS_TO_PROPAGATE:
-        monkeypatch.delenv(name, raising=False)
-    original = _ActorClassCache.get
-    tune_own = _ActorClassCache().get(Trainable)
-    assert tune_own._default_options.get("runtime_env")  # what keeps prestarted workers unused
-    with trainable.actors_on_prestarted_workers() as plain:
-        assert plain and _ActorClassCache.get is not original
-        cache = _ActorClassCache()
-        cls = cache.get(Trainable)
-        assert cache.get(Trainable) is cls and not cls._default_options.get("runtime_env")
-    assert _ActorClassCache.get is original
-    monkeypatch.setenv(next(iter(ENV_VARS_TO_PROPAGATE)), "x")  # a variable Tune must pass on
-    with trainable.actors_on_prestarted_workers() as plain:
-        assert not plain and _ActorClassCache.get is original
-    with trainable.actors_on_prestarted_workers(enabled=False) as plain:
-        assert not plain
+    assert trainable.start_ray(make_spec(tmp_path))
+    try:
+        assert ray.get(preloaded.remote(), timeout=90)
+    finally:
+        trainable.stop_ray()
 
 
 def test_ray_start_error_surfaces_at_ready_and_exit_is_clean(tmp_path: Path) -> None:
@@ -299,7 +290,7 @@ def test_ray_start_error_surfaces_at_ready_and_exit_is_clean(tmp_path: Path) -> 
 def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
     from tuner.search import timing
 
-    records = [{"seconds": 6.0}, {"seconds": 12.0}]
+    records = [SimpleNamespace(seconds=6.0), SimpleNamespace(seconds=12.0)]
     t = timing(wall=30.0, victims=1.0, search=9.0, final=5.0, ray_waited=1.0, records=records, slots=2)
     assert t["trial_seconds"] == 18.0 and t["ray_overhead_share"] == pytest.approx(1 - 18 / 20)
     assert timing(wall=1.0, victims=0, search=0.0, final=0, ray_waited=0.0, records=[],
@@ -309,7 +300,7 @@ def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
 def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
     import torch
 
-    from tuner import evaluation, search
+    from tuner import search
 
     assert [search.final_threads(n) for n in (None, 1, 2, 16)] == [1, 1, 1, 15]
     seen: list[int] = []
@@ -318,7 +309,7 @@ def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
         seen.append(torch.get_num_threads())
         return {}
 
-    monkeypatch.setattr(evaluation, "run_config", fake_run_config)
+    monkeypatch.setattr(search, "run_config", fake_run_config)
     monkeypatch.setattr(search.os, "cpu_count", lambda: 3)
     before = torch.get_num_threads()
     spec = ExperimentSpec(defense="ngf", final_seeds=2)

@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 
 from tuner import cmd_search
+from tuner.cli import USER_ERRORS
 from tuner.errors import UsageError
 from tuner.spec import ExperimentSpec, check_writable, default_name, from_args
+from zoo.victims import ZooSpec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a refused flag value, as the CLI reports it
+        raise UsageError(message)
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
+    p = _Parser()
     cmd_search.add_arguments(p)
     return p.parse_args(list(argv))
 
@@ -42,7 +49,7 @@ def test_smoke_test_shrinks_but_explicit_flags_win(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["--defense", "nope"], "unknown defense 'nope'"),
+    (["--defense", "nope"], "invalid choice: 'nope'"),
     (["--defense", "ft", "--num-samples", "0"], "--num-samples 0"),
     (["--defense", "ft", "--final-seeds", "0"], "--final-seeds 0"),
     (["--defense", "ft", "--max-concurrent", "0"], "--max-concurrent 0"),
@@ -65,7 +72,7 @@ def test_smoke_test_shrinks_but_explicit_flags_win(tmp_path: Path) -> None:
 ])
 def test_bad_flags_fail_with_one_line_naming_the_flag(tmp_path: Path, argv: list[str],
                                                       needle: str) -> None:
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(USER_ERRORS) as info:
         build(tmp_path, *argv)
     assert needle in str(info.value) and "\n" not in str(info.value)
 
@@ -104,10 +111,11 @@ def test_output_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
 
 
 def test_json_round_trip_and_paths_made_absolute(tmp_path: Path) -> None:
-    spec = ExperimentSpec(defense="ft", output=Path("rel"), name="n", attacks=["badnets"],
-                          holdout_attacks=["sig"], zoo_dir=Path("zoo"))
+    spec = ExperimentSpec(defense="ft", output=Path("rel"), name="n", holdout_attacks=["sig"],
+                          zoo=ZooSpec(attacks=["badnets"], zoo_dir=Path("zoo")))
     data = json.loads(spec.to_json())
-    assert data["attacks"] == ["badnets"] and Path(data["output"]).is_absolute()
+    assert data["zoo"]["attacks"] == ["badnets"] and Path(data["output"]).is_absolute()
+    assert Path(data["zoo"]["zoo_dir"]).is_absolute()
     assert ExperimentSpec.from_dict(data) == spec
     with pytest.raises(UsageError, match="unknown field"):
         ExperimentSpec.from_dict({**data, "bogus": 1})

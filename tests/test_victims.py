@@ -9,7 +9,8 @@ import torch
 
 from zoo.attacks import make_attack
 from zoo.data import load_splits
-from zoo.train import Recipe, _Progress, default_recipe
+from zoo.progress import Progress
+from zoo.train import Recipe, default_recipe
 from zoo.victims import ZooSpec, get_victims, victim_description
 
 TINY = Recipe(epochs=1, batch_size=64, lr=0.05)
@@ -42,9 +43,6 @@ def test_build_then_load_from_store(tmp_path, splits) -> None:
 
 
 def test_key_depends_on_recipe_rate_and_seed(tmp_path, splits) -> None:
-    from zoo.attacks import make_attack
-    from zoo.victims import victim_description
-
     attack = make_attack("badnets", splits.info)
     base = victim_description(_spec(tmp_path), attack)
     assert victim_description(_spec(tmp_path, poison_rate=0.05), attack) != base
@@ -69,7 +67,7 @@ def test_corrupt_entry_is_rebuilt(tmp_path, splits, capsys) -> None:
     ("attacks", "kw", "match"),
     [
         (["nope"], {}, "unknown attack 'nope'"),
-        (["badnets"], {"poison_rate": 1.5}, "poison rate 1.5"),
+        (["badnets"], {"poison_rate": 1.5}, "--poison-rate 1.5"),
         (["badnets", "sig"], {"poison_rate": 0.5}, "sig: poison rate 0.5 needs 539 target-class images but class 0 has 107"),
         (["badnets"], {"arch": "vit"}, "unknown model 'vit'"),
     ],
@@ -84,7 +82,8 @@ def test_dataset_defaults_give_sig_its_digits_rate_unless_the_user_sets_one() ->
     spec = ZooSpec("digits")
     assert spec.rate_for("badnets") == 0.1 and spec.rate_for("sig") == 0.08
     assert spec.attack_params_for("sig") == {"test_delta": 80.0}
-    assert ZooSpec("cifar10").rate_for("sig") == 0.1 and ZooSpec("cifar10").attack_params_for("sig") == {}
+    cifar = ZooSpec("cifar10", data_root=".")
+    assert cifar.rate_for("sig") == 0.1 and cifar.attack_params_for("sig") == {}
     mine = ZooSpec("digits", poison_rate=0.05, attack_params={"sig": {"test_delta": 60.0}})
     assert mine.rate_for("sig") == 0.05 and mine.attack_params_for("sig") == {"test_delta": 60.0}
 
@@ -112,7 +111,7 @@ def test_wanet_trains_longer_on_digits_and_its_key_says_so(splits) -> None:
 def test_progress_prints_a_line_every_few_epochs_when_not_a_tty(capsys) -> None:
     import sys
 
-    bar = _Progress("badnets victim (cnn on digits)", 10, True, stream=sys.stderr)
+    bar = Progress("badnets victim (cnn on digits)", 10, True, stream=sys.stderr)
     for e in range(1, 11):
         bar.update(e, 0.5)
     lines = capsys.readouterr().err.splitlines()

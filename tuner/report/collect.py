@@ -129,7 +129,8 @@ def _no_defense(final: dict[str, Any], where: str) -> dict[str, dict[str, float]
     raw = (final.get("no_defense") or {}).get("per_attack") or {}
     if not isinstance(raw, dict):
         raise UsageError(f"{where}.no_defense.per_attack: expected an object")
-    return {str(a): _metrics(m, f"{where}.no_defense.{clip(a, 30)}") for a, m in raw.items()}
+    return {str(a): {k: v for k, v in _metrics(m, f"{where}.no_defense.{clip(a, 30)}").items()
+                     if k != "der"} for a, m in raw.items()}
 
 
 def _best_from_trials(trials: list[TrialRecord], objective: str) -> Result | None:
