@@ -11,6 +11,8 @@ Benchmarks:
   in the run and again with them stored: the search's wall time against its trials' compute.
 - ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
+- ``allocator``: page faults and time of training steps with and without
+  ``zoo.runtime.keep_freed_memory``.
 
 ``--quick`` shrinks every workload to check the plumbing in seconds; its figures are not the
 issue's. ``--json FILE`` writes the figures and the machine's description.
@@ -31,7 +33,7 @@ import torch
 from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.runtime import keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator")
 
 
 def machine() -> dict[str, Any]:
@@ -158,6 +160,14 @@ def bench_scaling(args: argparse.Namespace, device: torch.device) -> dict[str, A
     return {"bench": "scaling", **out}
 
 
+def bench_allocator(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.allocator import run_allocator
+
+    out = run_allocator()
+    print(table(out["runs"], ["malloc", "applied", "faults", "seconds"]))
+    return {"bench": "allocator", **out}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
-           "packing": bench_packing, "scaling": bench_scaling}[args.name]
+           "packing": bench_packing, "scaling": bench_scaling,
+           "allocator": bench_allocator}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()

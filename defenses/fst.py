@@ -58,7 +58,7 @@ OVERRIDES: dict[str, dict[str, object]] = {
     # Paper: CIFAR-100 / Tiny-ImageNet lr 1e-3, 15 epochs, alpha 1e-3.
     "imagefolder": {"lr": 0.001, "epochs": 15, "alpha": 0.001},
     # 100 clean images: batch 128 would be 1 step/epoch; 16 gives 6 steps/epoch, 60 steps
-    # (paper, CIFAR-10 2% at 128: ~80 steps), well under 1 s with the cnn.
+    # (paper, CIFAR-10 2% at 128: ~80 steps).
     "digits": {"batch_size": 16},
 }
 

@@ -40,7 +40,7 @@ NAME = "ft"
 # Per-dataset diffs over the paper defaults; one line of why each.
 OVERRIDES: dict[str, dict[str, object]] = {
     # 100 clean images: batch 256 would be 1 step/epoch; 32 gives 3 steps/epoch, 300 steps
-    # in all (BackdoorBench: ~1,000 on CIFAR-10), ~3 s on 2 CPU cores with the cnn.
+    # in all (BackdoorBench: ~1,000 on CIFAR-10).
     "digits": {"batch_size": 32},
 }
 

@@ -53,7 +53,7 @@ OVERRIDES: dict[str, dict[str, object]] = {
     # BackdoorBench config/defense/ft-sam/gtsrb.yaml.
     "gtsrb": {"rho": 8.0, "label_smoothing": 0.0, "epochs": 50},
     # 100 clean images: batch 32 gives 3 steps/epoch; 50 epochs (two passes per step, 150
-    # steps) keep one run near 3 s on 2 CPU cores with the cnn.
+    # steps) keep one run short with the cnn.
     "digits": {"batch_size": 32, "epochs": 50},
 }
 

@@ -67,7 +67,7 @@ NAME = "ngf"
 
 OVERRIDES: dict[str, dict[str, object]] = {
     # 100 clean images: batch 32 and 40 steps/epoch (13 draws of each image per epoch; the
-    # code: 128 x 100 / 500 = 26), 200 iterations in all: about 1 s with the cnn on 2 cores.
+    # code: 128 x 100 / 500 = 26), 200 iterations in all.
     "digits": {"batch_size": 32, "steps_per_epoch": 40},
 }
 
@@ -241,7 +241,7 @@ def run(
     if cfg.eta_f > 0:
         theta0 = [head.weight.detach().clone(), head.bias.detach().clone()]
         ewc = (diag_fisher(model, clean, info, cfg.batch_size, dev), theta0)
-    eye = lambda k: torch.eye(k, device=dev)  # noqa: E731
+    eye = lambda k: torch.eye(k, device=dev)
     st = KFAC(A=eye(head.in_features + 1), G=eye(head.out_features))
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     yield from E.fit(

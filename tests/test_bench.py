@@ -13,8 +13,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
-from tuner.spec import ExperimentSpec
 import torch
 
 import defenses
@@ -25,6 +23,7 @@ from bench.reference import compare
 from bench.scaling import repeat_victims, run_scaling
 from bench.trial import run_ours
 from tuner.evaluation import subsample_index, trial_epochs
+from tuner.spec import ExperimentSpec
 from zoo.data import Split, load_splits
 from zoo.metrics import Metrics
 from zoo.models import build_model

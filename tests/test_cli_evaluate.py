@@ -14,6 +14,7 @@ import torch
 import defenses
 from defenses import EpochResult
 from tuner.cmd_evaluate import parse_params
+from tuner import evaluation
 from tuner.errors import UsageError
 from tuner.evaluation import DIVERGED_METRICS, run_config, trial_epochs
 from zoo.data import Split, load_splits
@@ -96,7 +97,7 @@ def test_diverged_victim_stays_worst_case_others_continue(splits, victims, monke
 
     monkeypatch.setattr(FakeVictim, "model", model)
     fake = _diverging_run(bad, defenses.get_defense("fst"))
-    monkeypatch.setattr(defenses, "get_defense", lambda name: fake)
+    monkeypatch.setattr(evaluation, "get_defense", lambda name: fake)
     items = list(trial_epochs("fst", {"epochs": 4}, victims, splits, seed=0, device=CPU))
     assert [i["epoch"] for i in items] == [1, 2, 3, 4]
     assert not items[0]["diverged"]
@@ -165,13 +166,28 @@ def test_cli_rejects_bad_input_in_one_line_before_building(argv, fragment, tmp_p
 @pytest.mark.slow
 def test_cli_json_end_to_end_on_digits(tmp_path: Path) -> None:
     best = tmp_path / "best_config.json"
-    best.write_text(json.dumps({"params": {"epochs": 1}}))
-    out = _cli("--defense", "ngf", "--params", str(best), "--attacks", "badnets", "--json",
+    best.write_text(json.dumps({"defense": "ngf", "params": {"epochs": 1}}))
+    out = _cli("--params", str(best), "--attacks", "badnets", "--seeds", "2", "--json",
                tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)  # stdout is only JSON
+    data = json.loads(out.stdout)  # stdout is only JSON; the defense comes from the file
     assert data["defense"] == "ngf" and data["params"]["epochs"] == 1
     assert data["params"]["damping"] == 0.001  # the full resolved config
-    r = data["per_attack"]["badnets"]
-    assert set(r) == {"before", "after", "seconds"}
+    assert data["defense_seeds"] == [0, 1] and len(data["runs"]) == 2
+    r = data["runs"][0]["badnets"]
+    assert set(r) == {"before", "after", "seconds", "diverged"}
     assert set(r["before"]) == {"acc", "asr", "ra"} and set(r["after"]) == {"acc", "asr", "ra", "der"}
+    accs = [run["badnets"]["after"]["acc"] for run in data["runs"]]
+    assert data["summary"]["after acc"]["mean"] == pytest.approx(sum(accs) / 2)
+
+
+def test_cli_takes_the_defense_from_the_params_file_or_refuses_a_mismatch(tmp_path) -> None:
+    best = tmp_path / "best_config.json"
+    best.write_text(json.dumps({"defense": "ngf", "params": {"damping": 0.01}}))
+    for argv, fragment in ((["--defense", "ft", "--params", str(best)],
+                            "--defense ft but --params is a ngf configuration"),
+                           (["--params", '{"lr": 0.1}'], "--defense is required"),
+                           (["--params", str(best), "--seeds", "0"], "--seeds 0")):
+        out = _cli(*argv, tmp_path=tmp_path)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert fragment in out.stderr and not (tmp_path / "zoo").exists()

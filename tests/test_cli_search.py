@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,10 @@ def test_help_explains_every_search_flag(tmp_path: Path) -> None:
 
 
 def test_bad_flag_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
-    start = time.time()
     r = tuner("--defense", "ft", "--attacks", "badnets", "--holdout-attacks", "badnets",
               "--output", str(tmp_path / "runs"), timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--holdout-attacks" in r.stderr and not (tmp_path / "runs").exists()
-    assert time.time() - start < 30
 
 
 @pytest.mark.ray

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -86,10 +85,8 @@ def test_unknown_defense_lists_the_known_names():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_one_epoch_is_fast_and_finite(name, model, clean):
-    t0 = time.perf_counter()
+def test_one_epoch_is_finite(name, model, clean):
     (res,) = _run(name, model, clean, {"epochs": 1})
-    assert time.perf_counter() - t0 < 10.0  # generous: 2 shared cores
     assert isinstance(res, EpochResult) and res.epoch == 1 and not res.diverged
     assert torch.isfinite(torch.tensor([res.loss, res.lr])).all() and res.loss > 0
 

@@ -6,7 +6,6 @@ import gzip
 import os
 import pickle
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -119,18 +118,26 @@ def test_mnist_count_mismatch_is_refused(tmp_path: Path) -> None:
         readers.read_mnist(tmp_path, False)
 
 
-def test_download_without_torchvision_says_so(
+def test_download_fetches_with_torchvision_only_when_files_are_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = SimpleNamespace(util=SimpleNamespace(find_spec=lambda name: None))
-    monkeypatch.setattr(readers, "importlib", fake)
-    with pytest.raises(DataError, match="--download needs torchvision.*by hand.*ROOT/MNIST/raw"):
-        readers.read_mnist(tmp_path, True)
-    with pytest.raises(DataError, match="--download needs torchvision.*cifar-10-batches-py"):
-        readers.read_cifar10(tmp_path, True)
-    # Files already in place: --download has nothing to fetch and needs no torchvision.
-    _write_mnist(tmp_path, gz=True)
-    assert readers.read_mnist(tmp_path, True).x_train.shape == (20, 1, 28, 28)
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    class FakeMNIST:  # torchvision's downloader, offline: writes the files it would fetch
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((root, train, download))
+            _write_mnist(Path(root) / "MNIST" / "raw", gz=True)
+
+    monkeypatch.setattr(tvd, "MNIST", FakeMNIST)
+    with pytest.raises(DataError, match="--download needs --data-root"):
+        readers.read_mnist(None, True)
+    assert readers.read_mnist(tmp_path / "m", True).x_train.shape == (20, 1, 28, 28)
+    assert calls and all(c[0] == str(tmp_path / "m") and c[2] for c in calls)
+    calls.clear()  # files in place: --download has nothing to fetch
+    assert readers.read_mnist(tmp_path / "m", True).x_test.shape[1:] == (1, 28, 28)
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,7 +423,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     argv, fragment = _bad_argv(case, tmp_path)
     out, zoo = tmp_path / "runs", tmp_path / "zoo"
-    start = time.time()
     try:
         rc = cli.main([*argv, "--output", str(out), "--zoo-dir", str(zoo), "--device", "cpu"])
     except SystemExit as exc:  # argparse's own refusals (type, choices)
@@ -432,7 +431,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert fragment in err and "Traceback" not in err
     assert not out.exists() and not zoo.exists()
-    assert time.time() - start < 30
 
 
 def test_unwritable_output_is_refused_writing_nothing(tmp_path: Path,
@@ -449,7 +447,7 @@ def test_unwritable_output_is_refused_writing_nothing(tmp_path: Path,
 @pytest.mark.parametrize("argv", [["--defense", "nope"],
                                   ["--defense", "ft", "--address", "127.0.0.1:1"]])
 def test_bad_input_as_a_user_types_it(tmp_path: Path, argv: list[str]) -> None:
-    start = time.time()
+    start = time.time()  # the promise: refused within about 10 s, not a hang
     r = _tuner(*argv, "--output", str(tmp_path / "runs"), "--zoo-dir", str(tmp_path / "zoo"),
                timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

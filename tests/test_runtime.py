@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -28,10 +23,6 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, nati
 def test_unknown_precision_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"precision 'fp16': expected one of auto, fp32, bf16"):
         runtime.use_bf16(CPU, "fp16")
-
-
-def test_native_bf16_probe_answers_a_bool() -> None:
-    assert isinstance(runtime.cpu_has_native_bf16(), bool)
 
 
 def test_autocast_runs_convolutions_in_bf16_when_asked() -> None:
@@ -101,54 +92,6 @@ def test_cnn_pool_then_relu_equals_the_plain_conv_bn_relu_pool_network(size: int
     torch.testing.assert_close(fast(x), plain.head(plain.body(x)))
     for (name, a), b in zip(fast.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
-
-
-_STEP_FAULTS = """
-import resource, sys
-import torch
-from torch.nn import functional as F
-from zoo.data import DatasetInfo
-from zoo.models import build_model
-from zoo.runtime import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-torch.manual_seed(0)
-torch.set_num_threads(1)
-info = DatasetInfo("toy", 3, 32, 10, (0.5,) * 3, (0.5,) * 3, hflip=False, pad=4)
-model = build_model("cnn", info)
-x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))  # 32 MiB activations
-def step():
-    model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step()
-before = faults()
-for _ in range(5):
-    step()
-print(applied, faults() - before)
-"""
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc's malloc only")
-def test_keep_freed_memory_stops_training_steps_from_page_faulting_anew() -> None:
-    def step_faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], check=True, text=True,
-                             capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout
-        applied, faults = out.split()
-        return applied, int(faults)
-
-    plain, keep = step_faults("plain"), step_faults("keep")
-    # glibc's default: each step's 32 MiB activations are fresh mmaps, faulted in page by page
-    # (about 300,000 faults in 5 steps here); kept, about 10,000.
-    assert plain[0] == "False" and plain[1] > 50_000
-    assert keep[0] == "True" and keep[1] * 5 < plain[1]
-
-
-def test_evaluation_batches_are_small_on_cpu_and_large_on_cuda() -> None:
-    assert runtime.eval_batch_size(CPU) == 128
-    assert runtime.eval_batch_size(torch.device("cuda")) == 1024
 
 
 def test_evaluation_by_the_device_batch_counts_every_image_once() -> None:

@@ -23,14 +23,14 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-import ray  # noqa: E402
+import ray
 
-from tuner import trainable  # noqa: E402
-from tuner.records import TrialRecord, epoch_report, unflatten  # noqa: E402
-from tuner.spaces import load_space  # noqa: E402
-from tuner.spec import ExperimentSpec  # noqa: E402
-from tuner.study import AskTell, export, sampler_settings  # noqa: E402
-from zoo.victims import ZooSpec  # noqa: E402
+from tuner import trainable
+from tuner.records import TrialRecord, epoch_report, unflatten
+from tuner.spaces import load_space
+from tuner.spec import ExperimentSpec
+from tuner.study import AskTell, export, sampler_settings
+from zoo.victims import ZooSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_ARGS = {"include_dashboard": False, "log_to_driver": False,

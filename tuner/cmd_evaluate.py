@@ -23,6 +23,7 @@ from typing import Any
 from defenses import REGISTRY, make_config
 from tuner import flags
 from tuner.errors import UsageError
+from tuner.evaluation import run_config
 from zoo.victims import ZooSpec, get_victims
 
 MAX_PARAMS_BYTES = 1 << 20  # a best_config.json is a few hundred bytes
@@ -133,8 +134,6 @@ def summary(runs: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[float, flo
 
 
 def main(args: argparse.Namespace) -> int:
-    from tuner.evaluation import run_config
-
     cmd = flags.build(EvaluateCommand, args)
     defense, params, cfg = resolve(cmd)
     splits = cmd.zoo.load_splits()

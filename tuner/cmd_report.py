@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner import flags
+from tuner.report import write_report
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tuner.report import write_report
-
     cmd = flags.build(ReportCommand, args)
     print(write_report(cmd.run_dir))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from tuner import flags
+from tuner.search import run_search
 from tuner.spec import ExperimentSpec, from_args
 
 __all__ = ["add_arguments", "main"]
@@ -21,7 +22,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tuner.search import run_search
-
     run_search(from_args(args))
     return 0

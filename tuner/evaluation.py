@@ -18,7 +18,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from zoo.runtime import Precision
+
 import torch
+
+from defenses import get_defense, make_config
+from zoo.metrics import der, evaluate
 
 __all__ = ["DIVERGED_METRICS", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
 
@@ -28,8 +33,6 @@ DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str | None,
                    max_epochs: int | None = None) -> Any:
     """``make_config(defense, params, dataset=...)``, with ``epochs`` capped at ``max_epochs``."""
-    from defenses import make_config
-
     cfg = make_config(defense, dict(params or {}), dataset=dataset)
     if max_epochs is not None and cfg.epochs > max_epochs:
         cfg = dataclasses.replace(cfg, epochs=int(max_epochs))
@@ -43,9 +46,7 @@ def planned_epochs(defense: str, params: Mapping[str, Any] | None, dataset: str,
 
 
 def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, info: Any,
-             split: str, device: torch.device, precision: str) -> dict[str, float]:
-    from zoo.metrics import der, evaluate
-
+             split: str, device: torch.device, precision: Precision) -> dict[str, float]:
     after = evaluate(model, clean, triggered, victim.target, info, device=device, precision=precision)
     out = after.as_dict()
     out["der"] = der(victim.metrics[split], after)
@@ -53,9 +54,7 @@ def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, in
 
 
 def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
-           device: torch.device, precision: str) -> tuple[torch.nn.Module, Iterator[Any]]:
-    from defenses import get_defense
-
+           device: torch.device, precision: Precision) -> tuple[torch.nn.Module, Iterator[Any]]:
     model = victim.model(device)
     run = get_defense(defense).run(model, splits.clean, splits.info, cfg, seed=seed, device=device,
                                    precision=precision)
@@ -89,10 +88,10 @@ def _val_sets(victims: Sequence[Any], splits: Any, device: torch.device, k: int 
 
 
 def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
-                 splits: Any, *, seed: int, device: torch.device,
+                 splits: Any, *, seed: int, device: torch.device | str,
                  max_epochs: int | None = None,
                  val_subsample: int | None = None,
-                 precision: str = "auto") -> Iterator[dict[str, Any]]:
+                 precision: Precision = "auto") -> Iterator[dict[str, Any]]:
     """Yield, after every epoch, the per-attack metrics on val.
 
     Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
@@ -103,6 +102,7 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
     ``val_subsample=n``: epochs before the last planned one use a fixed, seeded subset of ``n``
     clean and ``n`` triggered val images (see the module docstring); the last uses all of val.
     """
+    device = torch.device(device)
     cfg = resolve_config(defense, params, splits.info.name, max_epochs)
     runs = {v.attack: _start(defense, cfg, v, splits, seed, device, precision) for v in victims}
     by_attack = {v.attack: v for v in victims}
@@ -151,8 +151,8 @@ def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, floa
 
 
 def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
-               splits: Any, *, seed: int, device: torch.device,
-               split: str = "test", precision: str = "auto") -> dict[str, dict[str, Any]]:
+               splits: Any, *, seed: int, device: torch.device | str,
+               split: str = "test", precision: Precision = "auto") -> dict[str, dict[str, Any]]:
     """Run the configuration to the end on every victim; measure on ``split`` ("test"/"val").
 
     Returns ``{attack: {"before": {acc, asr, ra}, "after": {acc, asr, ra, der},
@@ -160,6 +160,7 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
     """
     if split not in ("test", "val"):
         raise ValueError(f"split {split!r}: expected 'test' or 'val'")
+    device = torch.device(device)
     cfg = resolve_config(defense, params, splits.info.name)
     clean = splits.test if split == "test" else splits.val
     out: dict[str, dict[str, Any]] = {}

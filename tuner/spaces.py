@@ -166,7 +166,7 @@ def _read_text(defense: str, path: str | Path | None) -> tuple[str, str]:
 
 def _parse(where: str, text: str) -> dict[str, Any]:
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+        doc = yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, RecursionError) as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -218,7 +218,7 @@ def _range(where: str, name: str, spec: dict[str, Any], kind: str, tp: Any) -> B
                          f"expected low < high")
     try:  # Optuna's constructors check log, step and divisibility
         if integer:
-            return IntDistribution(int(low), int(high), log=log, step=step)
+            return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
         return FloatDistribution(float(low), float(high), log=log)
     except ValueError as exc:
         raise SpaceError(f"{where}: params.{name}: {clip_text(exc, 160)}") from None

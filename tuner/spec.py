@@ -32,6 +32,7 @@ from defenses import REGISTRY
 from tuner import flags
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
+from tuner.spaces import Space, load_space
 from zoo.attacks import check_attack_names
 from zoo.train import Recipe, default_recipe
 from zoo.victims import ZooSpec
@@ -142,7 +143,7 @@ class ExperimentSpec:
                             ("--val-subsample", self.val_subsample)):
             if value is not None:
                 _check_int(flag, value, low=1)
-        check_gpus_per_trial(self.gpus_per_trial)
+        check_gpus_per_trial(self.gpus)
         if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
             raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
                              "number > 0")
@@ -160,6 +161,11 @@ class ExperimentSpec:
     @property
     def run_dir(self) -> Path:
         return self.output / str(self.name)
+
+    @property
+    def gpus(self) -> float:
+        """The GPU share of a trial (``gpus_per_trial`` once its default is resolved)."""
+        return float(self.gpus_per_trial or 0.0)
 
     @property
     def attacks(self) -> tuple[str, ...]:
@@ -188,7 +194,7 @@ class ExperimentSpec:
         check_writable(self.output)
         self._check_run_dir()
         self.load_space()
-        if self.gpus_per_trial and self.address is None and self.zoo.device == "cpu":
+        if self.gpus and self.address is None and self.zoo.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
         if self.address == "auto":
@@ -206,9 +212,7 @@ class ExperimentSpec:
             raise UsageError(f"run folder {run} already exists: pass --resume to continue it "
                              "or choose another --name")
 
-    def load_space(self) -> Any:
-        from tuner.spaces import load_space
-
+    def load_space(self) -> Space:
         return load_space(self.defense, self.space, dataset=self.zoo.dataset)
 
     # -- serialization ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -56,7 +56,7 @@ class AskTell:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
         try:
             self.study = optuna.create_study(
-                directions=directions(objective),
+                directions=cast(Any, directions(objective)),
                 sampler=build_sampler(sampler or sampler_settings(0, 16)))
         finally:
             optuna.logging.set_verbosity(quiet)
@@ -120,7 +120,7 @@ def study_from_records(records: Sequence[TrialRecord], space: Mapping[str, BaseD
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(storage=storage, study_name=name,
-                                    directions=directions(objective))
+                                    directions=cast(Any, directions(objective)))
         multi = len(value_names(objective)) > 1
         for r in sorted(records, key=lambda r: r.number):
             dists = {k: _widened(space[k], v) for k, v in r.params.items() if k in space}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -29,10 +30,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from tuner.errors import UsageError
-from tuner.evaluation import planned_epochs
+from tuner.evaluation import planned_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
 from tuner.spec import ExperimentSpec, check_reachable
 from tuner.study import AskTell
+from zoo.runtime import keep_freed_memory
 
 __all__ = ["OptunaSearcher", "max_concurrent", "run_tune", "start_ray", "stop_ray", "trial"]
 
@@ -46,17 +48,12 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
           epochs_fn: EpochsFn | None = None) -> None:
     """One configuration on every victim; reports after each epoch. ``epochs_fn`` replaces
     ``tuner.evaluation.trial_epochs`` (tests install failing or slow ones)."""
-    import torch
-
-    from tuner.evaluation import trial_epochs
-    from zoo.runtime import keep_freed_memory
-
     keep_freed_memory()  # once per worker process (a process setting)
     torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
-    cuda = spec.gpus_per_trial > 0 and torch.cuda.is_available()
+    cuda = spec.gpus > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if cuda and spec.gpus_per_trial < 1:  # a GPU share caps the trial's memory to its share
-        torch.cuda.set_per_process_memory_fraction(float(spec.gpus_per_trial), device)
+    if cuda and spec.gpus < 1:  # a GPU share caps the trial's memory to its share
+        torch.cuda.set_per_process_memory_fraction(spec.gpus, device)
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
@@ -83,16 +80,16 @@ def start_ray(spec: ExperimentSpec) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
-    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if spec.address is None:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_CAP,
-                 runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"}, **quiet)
+                 object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
+                 logging_level=logging.ERROR,
+                 runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
         return True
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
     try:
-        ray.init(address=spec.address, **quiet)
+        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: {first}") from None
@@ -108,11 +105,11 @@ def max_concurrent(spec: ExperimentSpec) -> int:
     """How many trials run at once: as many as fit in the cluster, capped by --max-concurrent."""
     have = ray.cluster_resources()
     fit = int(have.get("CPU", 0) / spec.cpus_per_trial + 1e-9)
-    if spec.gpus_per_trial > 0:
-        fit = min(fit, int(have.get("GPU", 0) / spec.gpus_per_trial + 1e-9))
+    if spec.gpus > 0:
+        fit = min(fit, int(have.get("GPU", 0) / spec.gpus + 1e-9))
     if fit < 1:
         raise UsageError(f"--cpus-per-trial {spec.cpus_per_trial:g} / --gpus-per-trial "
-                         f"{spec.gpus_per_trial:g}: no trial fits in the cluster "
+                         f"{spec.gpus:g}: no trial fits in the cluster "
                          f"({have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU)")
     return min(fit, spec.max_concurrent) if spec.max_concurrent else fit
 
@@ -142,7 +139,7 @@ class OptunaSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:  # Tune's own experiment state (see README)
-            self.study = pickle.load(fh)  # noqa: S301
+            self.study = pickle.load(fh)
 
 
 class ProgressCallback(tune.Callback):
@@ -189,7 +186,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     limit = max_concurrent(spec)
     fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits,
                               epochs_fn=epochs_fn)
-    trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
+    trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
     path = spec.run_dir / "ray"
     if spec.resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,

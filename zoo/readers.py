@@ -40,7 +40,6 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import importlib.util
 import pickle
 import zlib
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 __all__ = ["DataError", "RawData", "read_cifar10", "read_gtsrb", "read_imagefolder", "read_mnist"]
 
@@ -97,17 +97,10 @@ def _find(name: str, root: Path | None, download: bool, layout: str, find: Calla
 
 
 def _download(name: str, root: Path | None, layout: str, fetch: Callable[[Any, str], None]) -> None:
-    """Fetch ``name`` into ``root`` with torchvision's downloaders, if torchvision exists."""
+    """Fetch ``name`` into ``root`` with torchvision's downloaders."""
     if root is None:
         raise _error(name, root, "--download needs --data-root DIR to download into", layout)
-    if importlib.util.find_spec("torchvision") is None:
-        raise _error(
-            name,
-            root,
-            "--download needs torchvision (not installed); place the files by hand instead",
-            layout,
-        )
-    import torchvision.datasets as tvd  # only here, only on request
+    import torchvision.datasets as tvd  # ~1 s to import: only when a download is asked for
 
     root.mkdir(parents=True, exist_ok=True)
     fetch(tvd, str(root))
@@ -319,7 +312,6 @@ def _fetch_cifar10(tvd: Any, root: str) -> None:
 
 def _load_image(path: Path, size: int | None = None) -> np.ndarray:
     """An RGB image as 3 x H x W uint8, resized bilinearly to size x size if given."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
@@ -332,7 +324,6 @@ def _load_image(path: Path, size: int | None = None) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:

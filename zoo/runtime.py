@@ -1,12 +1,12 @@
 """Device choice, seeding and mixed precision, shared by victim training and every defense.
 
 channels_last everywhere: convolutions in NHWC run faster on CUDA (cuDNN) and on CPU (oneDNN),
-measured 1.3-2x on 2 CPU cores for both models, with the same results.
+with the same results (bench/README.md).
 
 ``precision="auto"`` means bf16 autocast where the hardware computes in bf16 natively: a CUDA
-GPU that supports it, or a CPU with AMX or AVX512-BF16 (``bench trial``: 1.8-2.1x faster on such
-a CPU at equal ACC and ASR). Elsewhere (an AVX2-only CPU, where bf16 is emulated and slower)
-"auto" is fp32. ``"fp32"`` and ``"bf16"`` force one or the other (``--precision``).
+GPU that supports it, or a CPU with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU, where bf16
+is emulated and slower) "auto" is fp32. ``"fp32"`` and ``"bf16"`` force one or the other
+(``--precision``).
 """
 
 from __future__ import annotations
@@ -105,11 +105,8 @@ def to_device_layout(x: torch.Tensor) -> torch.Tensor:
 
 def eval_batch_size(device: torch.device) -> int:
     """Images per evaluation batch: large on CUDA (fewer launches); 128 on CPU, where a batch's
-    activations should stay in the caches and in reused heap memory. A search trial runs in a
-    thread of its worker, and glibc gives a thread's blocks above 64 MiB fresh pages on every
-    call whatever :func:`keep_freed_memory` sets: there, one cnn evaluation of 19,000 images
-    page-faulted about 900,000 times in batches of 1,024 and not at all in batches of 128.
-    On the main thread, without :func:`keep_freed_memory`: 3.6 s against 1.9 s."""
+    activations stay in the caches and below the size at which glibc maps a thread's blocks
+    afresh on every call (a search trial runs in a thread of its worker)."""
     return 1024 if device.type == "cuda" else 128
 
 
@@ -126,10 +123,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves each block above 32 MiB with a fresh ``mmap`` and unmaps it on
     ``free``: a PreAct-ResNet18 batch of 128 has 32 MiB activations, so every training step
-    page-faulted and zeroed its memory anew (a process training one epoch: 600,000-950,000 page
-    faults in all against 300,000 with this set; the trial's kernel time 50 s against 1.4 s).
-    A process setting, like torch's thread count: call it once from a command's entry point or
-    a worker. Returns False (and changes nothing) off glibc.
+    would page-fault and zero its memory anew (``python -m bench allocator``). A process
+    setting, like torch's thread count: call it once from a command's entry point or a worker.
+    Returns False (and changes nothing) off glibc.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -183,7 +183,8 @@ def collect(run_dir: str | Path) -> ReportData:
     timing = optional("timing.json") or {}
     if not isinstance(rates, dict) or not isinstance(timing, dict):
         raise UsageError(f"{where}: poison_rates and timing.json: expected objects")
-    importances, note = {}, "not computed: no search space (space.json)"
+    importances: dict[str, float] = {}
+    note = "not computed: no search space (space.json)"
     if space is not None:
         study = study_from_records(trials, space.distributions, objective)
         importances, note = param_importances(study)

@@ -13,7 +13,8 @@ __all__ = ["importance_png", "objective_png", "pareto_png"]
 
 
 def _figure(width: float = 6.4, height: float = 4.2) -> Any:
-    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch)."""
+    """A matplotlib Figure on the Agg canvas (no pyplot, no global backend switch); imported
+    here, as only the report draws (0.5 s less for every other command)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")

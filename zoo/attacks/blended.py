@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from zoo.attacks.base import Attack, to_uint8
 from zoo.data import DatasetInfo
@@ -37,8 +38,6 @@ def noise_pattern(info: DatasetInfo, seed: int) -> torch.Tensor:
 
 def load_pattern_image(path: str | Path, info: DatasetInfo) -> torch.Tensor:
     """An image file as uint8 C x H x W in the dataset's channels and size."""
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"blend image {str(path)!r} is not a file: expected an image file (PNG, JPEG, ...)")

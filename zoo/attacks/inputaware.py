@@ -30,7 +30,8 @@ crop/flip before poisoning, as the original's train transform.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -23,7 +23,8 @@ through the same normalization. The pattern is built from our own clean model, n
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

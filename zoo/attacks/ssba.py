@@ -27,7 +27,8 @@ decoder and the PSNR of the encoded training images are kept in ``stats`` for au
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -23,7 +23,8 @@ normalization, as every input of our classifiers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
