@@ -3,13 +3,15 @@
 What is here exists once:
 
 - configs: re-exported from :mod:`defenses._config` (one type system for every ``Config``);
-- parameters: :func:`select_trainable` (all / head / backbone via ``requires_grad``, frozen parts
-  in eval mode), :func:`reinit_head` (PyTorch's default ``nn.Linear`` init, seeded);
+- parameters: :func:`select_trainable` (all / head / backbone / last block and head, via
+  ``requires_grad``; frozen parts in eval mode), :func:`reinit_head` (PyTorch's default
+  ``nn.Linear`` init, seeded);
 - schedules: the lr "at global step t" helpers :func:`cosine_lr` and :func:`multistep_lr`
   (super-fine-tuning's triangular schedule is its algorithm and lives in ``sft.py``);
 - the loop: :func:`fit` draws device batches (one shuffled pass of :class:`zoo.loader.DeviceLoader`,
-  or a fixed number of batches drawn with replacement), sets the lr of every step, calls the
-  defense's ``step(x, y) -> loss`` and yields one :class:`EpochResult` per epoch.
+  keeping or dropping the last partial batch as the defense's reference loop does, or a fixed
+  number of batches drawn with replacement), sets the lr of every step, calls the defense's
+  ``step(x, y) -> loss`` and yields one :class:`EpochResult` per epoch.
 
 Divergence: the per-step losses are summed on the device and checked, together with the trainable
 parameters, once per epoch (one host sync per epoch, none per step). A NaN or inf anywhere in the
@@ -20,6 +22,7 @@ never raises for divergence.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -46,8 +49,8 @@ __all__ = [
     "select_trainable",
 ]
 
-Trainable = Literal["all", "head", "backbone"]
-TRAINABLE = ("all", "head", "backbone")
+Trainable = Literal["all", "head", "backbone", "last_block"]
+TRAINABLE: tuple[str, ...] = typing.get_args(Trainable)
 
 
 @dataclass(frozen=True)
@@ -66,22 +69,23 @@ class EpochResult:
 
 
 def select_trainable(model: nn.Module, which: Trainable) -> list[nn.Parameter]:
-    """Set ``requires_grad`` so only ``which`` is tuned, and put the model in train mode.
+    """Set ``requires_grad`` so only ``which`` is tuned, and put the tuned parts in train mode.
 
-    A frozen backbone (``which="head"``) is also put in eval mode, so its BatchNorm running
-    statistics stay fixed and the backbone's function is unchanged: only the head moves.
+    ``"last_block"`` tunes ``model.last_block`` and the head. Frozen backbone parts
+    (``"head"``, ``"last_block"``) are put in eval mode, so their BatchNorm running statistics
+    stay fixed and their function is unchanged: only the named parts move.
     """
     if which not in TRAINABLE:
         raise ConfigError(f"trainable={which!r}: expected one of {', '.join(TRAINABLE)}")
-    head = model.head
-    head_ids = {id(p) for p in head.parameters()}
+    parts = {"all": [model], "backbone": [model], "head": [model.head],
+             "last_block": [model.last_block, model.head]}[which]
+    frozen = {id(p) for p in model.head.parameters()} if which == "backbone" else set()
+    tuned = {id(p) for m in parts for p in m.parameters()} - frozen
     for p in model.parameters():
-        in_head = id(p) in head_ids
-        p.requires_grad_(which == "all" or (which == "head") == in_head)
-    model.train()
-    if which == "head":
-        model.eval()
-        head.train()
+        p.requires_grad_(id(p) in tuned)
+    model.train(which in ("all", "backbone"))  # a frozen part of the backbone: eval mode
+    for m in parts:
+        m.train()
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -149,13 +153,16 @@ def fit(
     optimizer: torch.optim.Optimizer,
     lr_at: LrAt,
     step: Step,
+    drop_last: bool,
     steps_per_epoch: int = 0,
 ) -> Iterator[EpochResult]:
     """Run ``step`` over ``epochs`` epochs of clean batches; yield after each epoch.
 
-    ``steps_per_epoch == 0``: one shuffled pass of :class:`DeviceLoader` per epoch (last partial
-    batch dropped). ``> 0``: that many batches per epoch, indices drawn with replacement.
-    ``step(x, y)`` does one update and returns the detached batch loss (a 0-d tensor).
+    ``steps_per_epoch == 0``: one shuffled pass of :class:`DeviceLoader` per epoch, its last
+    partial batch dropped if ``drop_last`` and kept otherwise (``ceil(n / batch_size)`` steps).
+    ``> 0``: that many full batches per epoch, indices drawn with replacement (``drop_last``
+    has no effect). ``step(x, y)`` does one update and returns the detached batch loss (a 0-d
+    tensor). ``lr_at(t, ipe)`` gets the global step and the steps per epoch.
     """
     device = torch.device(device)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -164,7 +171,8 @@ def fit(
         gen = torch.Generator(device=device).manual_seed(seed)
         ipe = steps_per_epoch
     else:
-        loader = DeviceLoader(clean, info, batch_size=batch_size, device=device, seed=seed)
+        loader = DeviceLoader(clean, info, batch_size=batch_size, device=device, seed=seed,
+                              drop_last=drop_last)
         ipe = len(loader)
     for epoch in range(epochs):
         if steps_per_epoch > 0:

@@ -21,6 +21,11 @@ head is re-initialized, and C = ||W_ori||_F:
 | W, b   | ``model.head``      | -                  |
 | lr     | cosine over epochs  | lr, epochs         |
 | proj.  | ``project()``       | project_head_norm  |
+| -      | last partial batch  | drop_last          |
+
+Batches and schedule as the official loop: ``fine_tune/ft.py`` builds its clean loader with
+``drop_last=False`` (l. 190-195), so an epoch is ``ceil(n / batch_size)`` steps, and steps
+``CosineAnnealingLR(optimizer, epochs)`` once per epoch (l. 298, 339), as here.
 
 Baselines (table in the paper's code), each its own registered defense sharing this file's loop:
 
@@ -34,7 +39,9 @@ Baselines (table in the paper's code), each its own registered defense sharing t
 The official script projects the head norm after every step in *every* mode; the baselines here
 keep that (``project_head_norm=True``) so they match the paper's baseline numbers. For
 FE-tuning the frozen random head is thus rescaled to norm C once. LP freezes the backbone
-including its BatchNorm statistics (eval mode), so only the head's function changes.
+including its BatchNorm statistics (eval mode), so only the head's function changes; the
+official script calls ``net.train()`` in every mode (l. 309), so its LP also moves the frozen
+backbone's BatchNorm running statistics (a departure kept here).
 """
 
 from __future__ import annotations
@@ -57,15 +64,15 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "gtsrb": {"epochs": 15, "alpha": 0.1},
     # Paper: CIFAR-100 / Tiny-ImageNet lr 1e-3, 15 epochs, alpha 1e-3.
     "imagefolder": {"lr": 0.001, "epochs": 15, "alpha": 0.001},
-    # 100 clean images: batch 128 would be 1 step/epoch; 16 gives 6 steps/epoch, 60 steps
-    # (paper, CIFAR-10 2% at 128: ~80 steps).
+    # 100 clean images: batch 128 would be 1 step/epoch; 16 gives 7 steps/epoch (6 full, one
+    # of 4), 70 steps (paper, CIFAR-10 2% at 128: 80 steps).
     "digits": {"batch_size": 16},
 }
 
 BASELINE_OVERRIDES: dict[str, dict[str, object]] = {
     "gtsrb": {"epochs": 15},
     "imagefolder": {"lr": 0.001, "epochs": 15},
-    "digits": {"batch_size": 16},  # as for fst: 6 steps/epoch instead of 1
+    "digits": {"batch_size": 16},  # as for fst: 7 steps/epoch instead of 1
 }
 
 
@@ -79,6 +86,7 @@ class BaselineConfig:
     momentum: float = 0.9  #: SGD momentum (dimensionless)
     weight_decay: float = 0.0  #: L2 coefficient (the official code uses none)
     project_head_norm: bool = True  #: W <- W C / ||W||_F after each step (as the official code)
+    drop_last: bool = False  #: drop each pass's last partial batch (the official loop keeps it)
 
     def __post_init__(self) -> None:
         E.check_common(self)
@@ -180,6 +188,7 @@ def run_mode(
         optimizer=opt,
         lr_at=lambda t, ipe: E.cosine_lr(cfg.lr, t // ipe, cfg.epochs),
         step=lambda x, y: fst_step(model, opt, x, y, w_ori, c, alpha, project_norm, precision),
+        drop_last=cfg.drop_last,
     )
 
 

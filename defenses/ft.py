@@ -17,9 +17,15 @@ Update rule (all parameters theta; SGD, momentum mu, L2 decay lambda added to th
 | lambda   | optimizer        | weight_decay   |
 | E        | ``cfg.epochs``   | epochs         |
 | B        | batch size       | batch_size     |
+| -        | last partial batch | drop_last    |
 
-Departure: BackdoorBench hard-codes ``T_max = 100`` epochs; here ``T_max = epochs`` (equal at
-the paper's 100 epochs), so a shorter budget still ends at lr 0.
+Batches and schedule as BackdoorBench's loop: ``defense/ft.py`` builds its clean loader with
+``DataLoader(..., shuffle=True)`` (l. 230 on ``main``, l. 197 on ``v2``): no ``drop_last``, so
+the last partial batch is kept and an epoch is ``ceil(n / B)`` steps; the trainer
+(``utils/trainer_cls.py``, ``PureCleanModelTrainer.train_one_epoch_on_mix``) steps the cosine
+scheduler once per epoch, as ``eta_e`` above. Departure: BackdoorBench hard-codes
+``T_max = 100`` epochs (``utils/aggregate_block/train_settings_generate.py``); here
+``T_max = epochs`` (equal at the paper's 100 epochs), so a shorter budget still ends at lr 0.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ NAME = "ft"
 
 # Per-dataset diffs over the paper defaults; one line of why each.
 OVERRIDES: dict[str, dict[str, object]] = {
-    # 100 clean images: batch 256 would be 1 step/epoch; 32 gives 3 steps/epoch, 300 steps
-    # in all (BackdoorBench: ~1,000 on CIFAR-10).
+    # 100 clean images: batch 256 would be 1 step/epoch; 32 gives 4 steps/epoch (3 full, one
+    # of 4), 400 steps in all (BackdoorBench: ~1,000 on CIFAR-10).
     "digits": {"batch_size": 32},
 }
 
@@ -54,6 +60,7 @@ class Config:
     batch_size: int = 256  #: images per optimizer step
     momentum: float = 0.9  #: SGD momentum (dimensionless)
     weight_decay: float = 5e-4  #: L2 coefficient added to the gradient (per unit weight)
+    drop_last: bool = False  #: drop each pass's last partial batch (BackdoorBench keeps it)
 
     def __post_init__(self) -> None:
         E.check_common(self)
@@ -94,5 +101,5 @@ def run(
         model, clean, info, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, device=dev,
         optimizer=opt,
         lr_at=lambda t, ipe: E.cosine_lr(cfg.lr, t // ipe, cfg.epochs),
-        step=lambda x, y: ft_step(model, opt, x, y, precision),
+        step=lambda x, y: ft_step(model, opt, x, y, precision), drop_last=cfg.drop_last,
     )

@@ -23,11 +23,17 @@ the true one included; that is not what BackdoorBench trains with.)
 | s      | ``cfg.label_smoothing``| label_smoothing        |
 | e      | ``perturbation()``    | -                       |
 | lr     | ``cfg.lr``            | lr, scheduler_granularity |
+| -      | last partial batch    | drop_last               |
 
-Schedule quirk: BackdoorBench steps ``CosineAnnealingLR(T_max=100)`` once per *mini-batch*, so on
-CIFAR-10 (10 batches/epoch, 1,000 steps) the lr runs 5 full cosine cycles (period 200 steps) and
-ends at its peak. ``scheduler_granularity="per_iter_bb_quirk"`` reproduces that;
-the default ``"per_epoch"`` is the intended half cosine over ``epochs`` (stepped per epoch).
+Batches as BackdoorBench's loop: ``defense/ft-sam.py`` builds its clean loader with
+``DataLoader(..., shuffle=True)`` (l. 439 on ``main``): no ``drop_last``, so the last partial
+batch is kept and an epoch is ``ceil(n / batch_size)`` steps.
+
+Schedule quirk: BackdoorBench steps ``CosineAnnealingLR(T_max=100)`` once per *mini-batch*
+(``_train_sam``, l. 302), so on CIFAR-10 (10 batches/epoch, 1,000 steps) the lr runs 5 full
+cosine cycles (period 200 steps) and ends at its peak. ``scheduler_granularity=
+"per_iter_bb_quirk"`` reproduces that; the default ``"per_epoch"`` is the intended half cosine
+over ``epochs`` (stepped per epoch), a documented departure from the code.
 The GSAM decomposition term of BackdoorBench's SAM class is off there (alpha = 0), so it is omitted.
 rho is constant (BackdoorBench's rho scheduler has rho_max = rho_min).
 """
@@ -52,8 +58,8 @@ NAME = "ftsam"
 OVERRIDES: dict[str, dict[str, object]] = {
     # BackdoorBench config/defense/ft-sam/gtsrb.yaml.
     "gtsrb": {"rho": 8.0, "label_smoothing": 0.0, "epochs": 50},
-    # 100 clean images: batch 32 gives 3 steps/epoch; 50 epochs (two passes per step, 150
-    # steps) keep one run short with the cnn.
+    # 100 clean images: batch 32 gives 4 steps/epoch (3 full, one of 4); 50 epochs (two passes
+    # per step, 200 steps).
     "digits": {"batch_size": 32, "epochs": 50},
 }
 
@@ -73,6 +79,7 @@ class Config:
     adaptive: bool = True  #: ASAM (T_w = |w|) if True, plain SAM (T_w = 1) if False
     label_smoothing: float = 0.1  #: s: 1-s on the true class, s/(C-1) on others (probability)
     scheduler_granularity: Literal["per_epoch", "per_iter_bb_quirk"] = "per_epoch"  #: see header
+    drop_last: bool = False  #: drop each pass's last partial batch (BackdoorBench keeps it)
 
     def __post_init__(self) -> None:
         E.check_common(self)
@@ -170,4 +177,5 @@ def run(
         model, clean, info, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, device=dev,
         optimizer=opt, lr_at=lr_schedule(cfg),
         step=lambda x, y: sam_step(model, opt, params, x, y, cfg, precision),
+        drop_last=cfg.drop_last,
     )

@@ -8,9 +8,9 @@ recover utility) as implemented by vtu81/backdoor-toolbox
 
 All parameters theta, SGD (momentum mu, L2 decay lambda), global iteration t, T iterations in all:
 
-    phase 1: t <  P = round(phase1_fraction * T),  t' = t,      peak = lr_max1
-    phase 2: t >= P,                               t' = t - P,  peak = lr_max2
-    pos   = t' mod (2 h)
+    phase 1: t <  P = round(phase1_fraction * T),  peak = lr_max1
+    phase 2: t >= P,                               peak = lr_max2
+    pos   = t mod (2 h)                                      (one counter over both phases)
     lr(t) = lr_base + (peak - lr_base) * pos / h             if pos < h   (ramp up)
           = lr_base + (peak - lr_base) * (2h - pos) / h      otherwise    (ramp down)
     theta <- SGD(theta, grad CE, lr(t), mu, lambda)
@@ -23,6 +23,16 @@ All parameters theta, SGD (momentum mu, L2 decay lambda), global iteration t, T 
 | P / T     | phase1     | phase1_fraction, epochs |
 | mu        | optimizer  | momentum         |
 | lambda    | optimizer  | weight_decay     |
+| -         | last partial batch | drop_last |
+
+Batches and schedule as backdoor-toolbox's loop (``super_finetuning.py``): its clean loader is
+``DataLoader(..., batch_size=128, shuffle=True)`` (l. 96), no ``drop_last``, so the last partial
+batch is kept (``ceil(n / B)`` iterations an epoch). Its ``adjust_lr`` (l. 44-60) is set per
+iteration from one global ``iteration`` counter (l. 106, 120) that phase 2 does not restart,
+as ``pos`` above; the phase changes at an epoch, ``epoch < 40`` of 100 (l. 118), which is P
+here whenever ``phase1_fraction * epochs`` is a whole number (0.4 x 100). Departure: the
+toolbox calls ``adjust_lr`` *after* each step (l. 116-118), so its step t runs at lr(t - 1)
+(and its first at lr_base); here step t runs at lr(t), one iteration earlier in a 2h cycle.
 
 Defaults: backdoor-toolbox's CIFAR-10 values (lr 0.03 / 2.5 / 0.05, half-cycle 10 iterations,
 phase 1 = the first 40 of 100 epochs, batch 128, plain SGD without momentum or weight decay).
@@ -49,7 +59,8 @@ NAME = "sft"
 OVERRIDES: dict[str, dict[str, object]] = {
     # backdoor-toolbox's GTSRB learning rates.
     "gtsrb": {"lr_base": 0.003, "lr_max1": 0.25, "lr_max2": 0.005},
-    # 100 clean images: batch 32 gives 3 iterations/epoch, 300 in all (15 cycles of 20), ~3 s.
+    # 100 clean images: batch 32 gives 4 iterations/epoch (3 full, one of 4), 400 in all
+    # (20 cycles of 20), a few s.
     "digits": {"batch_size": 32},
 }
 
@@ -67,6 +78,7 @@ class Config:
     batch_size: int = 128  #: images per iteration
     momentum: float = 0.0  #: SGD momentum (dimensionless)
     weight_decay: float = 0.0  #: L2 coefficient added to the gradient
+    drop_last: bool = False  #: drop each pass's last partial batch (the toolbox keeps it)
 
     def __post_init__(self) -> None:
         E.check_common(self)
@@ -83,10 +95,9 @@ class Config:
 
 def sft_lr(t: int, total: int, cfg: Config) -> float:
     """The two-phase triangular lr at global iteration ``t`` of ``total``."""
-    p = round(cfg.phase1_fraction * total)
-    peak, t_phase = (cfg.lr_max1, t) if t < p else (cfg.lr_max2, t - p)
+    peak = cfg.lr_max1 if t < round(cfg.phase1_fraction * total) else cfg.lr_max2
     h = cfg.half_cycle
-    pos = t_phase % (2 * h)
+    pos = t % (2 * h)
     rise = pos / h if pos < h else (2 * h - pos) / h
     return cfg.lr_base + (peak - cfg.lr_base) * rise
 
@@ -115,5 +126,5 @@ def run(
         model, clean, info, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=seed, device=dev,
         optimizer=opt,
         lr_at=lambda t, ipe: sft_lr(t, cfg.epochs * ipe, cfg),
-        step=lambda x, y: sft_step(model, opt, x, y, precision),
+        step=lambda x, y: sft_step(model, opt, x, y, precision), drop_last=cfg.drop_last,
     )

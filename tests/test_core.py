@@ -102,9 +102,28 @@ def test_loader_batches_have_fixed_shape_and_are_seeded():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
 
 
-def test_loader_smaller_than_a_batch_yields_the_whole_split():
+def test_loader_keeps_the_last_partial_batch_without_drop_last():
+    split = Split(torch.zeros(70, 3, 8, 8, dtype=torch.uint8), torch.arange(70))
+    loader = DeviceLoader(split, INFO, batch_size=32, device=CPU, seed=3, drop_last=False)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3  # ceil(70 / 32)
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    ys = torch.cat([y for _, y in batches])
+    assert torch.equal(ys.sort().values, torch.arange(70))  # every image once, shuffled
+    assert not torch.equal(ys, torch.arange(70))
+
+
+def test_loader_drops_the_last_partial_batch_by_default():
+    split = Split(torch.zeros(70, 3, 8, 8, dtype=torch.uint8), torch.arange(70))
+    default = DeviceLoader(split, INFO, batch_size=32, device=CPU)  # victim training
+    assert default.drop_last and len(default) == 2
+    assert [len(y) for _, y in default] == [32, 32]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_loader_smaller_than_a_batch_yields_the_whole_split(drop_last):
     split = Split(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), torch.zeros(5, dtype=torch.long))
-    (x, y), = list(DeviceLoader(split, INFO, batch_size=32, device=CPU))
+    (x, _), = list(DeviceLoader(split, INFO, batch_size=32, device=CPU, drop_last=drop_last))
     assert x.shape[0] == 5
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import defenses
 from defenses import REGISTRY, ConfigError, EpochResult, get_defense, make_config
@@ -147,6 +149,74 @@ def test_bf16_can_be_forced_on_cpu_and_bad_precision_is_refused(name, model, cle
     assert not res.diverged and torch.isfinite(torch.tensor(res.loss))
     with pytest.raises(ConfigError, match="precision='fp8'"):
         next(get_defense(name).run(model, clean, INFO, cfg, seed=0, device=CPU, precision="fp8"))
+
+
+# ------------------------------------------------------------------------------------------
+# Batches as the authors' loops: the last partial batch is kept (ceil(n / batch) steps)
+# ------------------------------------------------------------------------------------------
+
+KEEPS_PARTIAL_BATCH = sorted(EXPECTED_NAMES - {"ngf"})  # every loop but NGF's sampler
+
+
+def _steps_and_batch_sizes(name: str, model, split: Split, params: dict) -> tuple[int, set]:
+    """Optimizer steps and batch sizes seen during one epoch of ``name``."""
+    steps, sizes = [0], set()
+
+    def count(*_):
+        steps[0] += 1
+
+    hooks = [register_optimizer_step_post_hook(count),
+             model.body.register_forward_pre_hook(lambda _m, args: sizes.add(len(args[0])))]
+    try:
+        _run(name, model, split, {**params, "epochs": 1})
+    finally:
+        for h in hooks:
+            h.remove()
+    return steps[0], sizes
+
+
+@pytest.mark.parametrize("name", KEEPS_PARTIAL_BATCH)
+def test_authors_loops_keep_the_last_partial_batch(name, model, clean):
+    odd = Split(clean.x[:42], clean.y[:42])  # batch 16: two full batches and one of 10
+    assert make_config(name).drop_last is False  # the authors' default
+    steps, sizes = _steps_and_batch_sizes(name, model, odd, {})
+    assert steps == math.ceil(42 / 16) == 3 and sizes == {16, 10}
+    steps, sizes = _steps_and_batch_sizes(name, model, odd, {"drop_last": True})
+    assert steps == 42 // 16 == 2 and sizes == {16}
+
+
+def test_ngf_draws_full_batches_with_replacement(model, clean):
+    odd = Split(clean.x[:42], clean.y[:42])
+    steps, sizes = _steps_and_batch_sizes("ngf", model, odd, {})
+    assert steps == FAST["ngf"]["steps_per_epoch"] and sizes == {16}
+
+
+# ------------------------------------------------------------------------------------------
+# NGF: each choice of updated parameters moves exactly those (and their BN statistics)
+# ------------------------------------------------------------------------------------------
+
+
+def _module_prefix(model, module) -> str:
+    return next(f"{n}." for n, m in model.named_modules() if m is module)
+
+
+@pytest.mark.parametrize("reinit_head", [False, True])
+@pytest.mark.parametrize("trainable", ["head", "last_block", "all"])
+def test_ngf_updates_exactly_the_parameters_it_names(trainable, reinit_head, model, clean):
+    prefixes = {"head": ("head.",), "all": ("",),
+                "last_block": ("head.", _module_prefix(model, model.last_block))}[trainable]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {"trainable": trainable, "reinit_head": reinit_head, "epochs": 1}
+    (res,) = _run("ngf", model, clean, params)
+    assert not res.diverged
+    after = model.state_dict()
+    named = {k for k in before if k.startswith(prefixes)}
+    assert (len(named) < len(before)) == (trainable != "all")
+    for k, v in before.items():
+        if k in named:  # weights, biases and, in a tuned block, BN running statistics move
+            assert not torch.equal(v, after[k]), k
+        else:  # everything else bit-identical, BN statistics of frozen parts included
+            assert torch.equal(v, after[k]), k
 
 
 def test_ngf_kl_clipping_keeps_a_huge_lr_finite(model, clean):

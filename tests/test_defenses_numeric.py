@@ -204,16 +204,88 @@ def test_ngf_eigh_of_a_diverged_factor_does_not_raise():
 
 
 def test_ngf_ewc_penalty_and_its_fisher(model, clean):
-    E.select_trainable(model, "head")
-    fisher = ngf.diag_fisher(model, clean, INFO, 16, CPU)
+    params = E.select_trainable(model, "head")
+    fisher = ngf.diag_fisher(model, params, clean, INFO, 16, CPU)
     assert [f.shape for f in fisher] == [model.head.weight.shape, model.head.bias.shape]
     assert all((f >= 0).all() for f in fisher) and fisher[0].sum() > 0
-    theta0 = [model.head.weight.detach().clone(), model.head.bias.detach().clone()]
-    assert ngf.ewc_penalty(model.head, fisher, theta0, 2.0).item() == 0.0
+    theta0 = [p.detach().clone() for p in params]
+    assert ngf.ewc_penalty(params, fisher, theta0, 2.0).item() == 0.0
     with torch.no_grad():
         model.head.bias += 1.0
-    penalty = ngf.ewc_penalty(model.head, fisher, theta0, 2.0).item()  # (2/2) sum F_b * 1^2
+    penalty = ngf.ewc_penalty(params, fisher, theta0, 2.0).item()  # (2/2) sum F_b * 1^2
     assert penalty == pytest.approx(fisher[1].sum().item(), rel=1e-5)
+
+
+def test_ngf_fisher_of_all_parameters_leaves_bn_statistics_and_modes_alone(model, clean):
+    params = E.select_trainable(model, "all")
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    fisher = ngf.diag_fisher(model, params, clean, INFO, 16, CPU)
+    assert len(fisher) == len(params) and all(f.shape == p.shape for f, p in zip(fisher, params))
+    assert all(torch.equal(v, buffers[k]) for k, v in model.named_buffers())
+    assert all(m.training for m in model.modules())
+
+
+def test_ngf_empirical_fisher_grad_is_the_per_example_ce_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 4, requires_grad=True)
+    y = torch.randint(0, 4, (6,))
+    F.cross_entropy(z, y, reduction="sum").backward()
+    gen = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(ngf.fisher_grad(z, y, "empirical", gen), z.grad)
+
+
+def test_ngf_true_fisher_samples_labels_from_the_model_and_changes_g():
+    # A model confident in class 0 on data labelled 2: the empirical G is (p - e_2)(p - e_2)^T,
+    # the true G is the softmax's Fisher E_{y~p}[(p - e_y)(p - e_y)^T] = diag(p) - p p^T.
+    n = 20_000
+    z = torch.tensor([[3.0, 0.0, -1.0]]).repeat(n, 1)
+    y = torch.full((n,), 2)
+    p = torch.softmax(z[0], 0)
+    gen = torch.Generator().manual_seed(0)
+    g_true = ngf.fisher_grad(z, y, "true", gen)
+    sampled = (torch.softmax(z, 1) - g_true).argmax(1)  # p - g is the one-hot of the label drawn
+    torch.testing.assert_close(g_true, torch.softmax(z, 1) - F.one_hot(sampled, 3).float())
+    freq = torch.bincount(sampled, minlength=3).float() / n
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+    exact = torch.diag(p) - torch.outer(p, p)
+    torch.testing.assert_close(g_true.T @ g_true / n, exact, atol=0.01, rtol=0)
+    e2 = F.one_hot(torch.tensor(2), 3).float()
+    g_emp = ngf.fisher_grad(z, y, "empirical", gen)
+    torch.testing.assert_close(g_emp.T @ g_emp / n, torch.outer(p - e2, p - e2))
+    assert (g_emp.T @ g_emp / n - exact).abs().max() > 0.5
+    # ... and the factor G that the K-FAC step accumulates follows g
+    cfg = make_config("ngf", {"t_cov": 1, "t_inv": 1})
+    grad, a1 = torch.randn(3, 5), torch.randn(n, 5)
+    states = {}
+    for kind, g in (("true", g_true), ("empirical", g_emp)):
+        states[kind] = ngf.KFAC(A=torch.eye(5), G=torch.eye(3))
+        ngf.ngf_precondition(states[kind], a1, g, grad, cfg, 0.01)
+    expected_true = 0.95 * torch.eye(3) + 0.05 * g_true.T @ g_true / n
+    torch.testing.assert_close(states["true"].G, expected_true)
+    assert not torch.allclose(states["true"].G, states["empirical"].G, atol=1e-2)
+
+
+def test_ngf_true_fisher_changes_the_run_and_is_seeded(model, clean):
+    def run(fisher, seed=0):
+        m = copy.deepcopy(model)
+        cfg = make_config("ngf", {"epochs": 1, "batch_size": 16, "steps_per_epoch": 3,
+                                  "t_cov": 1, "t_inv": 1, "fisher": fisher})
+        list(ngf.run(m, clean, INFO, cfg, seed=seed, device=CPU))
+        return m.head.weight.detach() - model.head.weight.detach()  # the step taken
+
+    assert torch.equal(run("true"), run("true"))
+    step_true, step_emp = run("true"), run("empirical")
+    assert (step_true - step_emp).norm() > 0.005 * step_emp.norm()  # 2% here; 0 if ignored
+
+
+def test_ngf_xavier_head_is_seeded_keeps_the_bias_and_uses_the_xavier_range():
+    a, b, c = nn.Linear(50, 10), nn.Linear(50, 10), nn.Linear(50, 10)
+    bias = a.bias.detach().clone()
+    ngf.xavier_head(a, 7), ngf.xavier_head(b, 7), ngf.xavier_head(c, 8)
+    assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
+    assert torch.equal(a.bias, bias)
+    bound = math.sqrt(6 / (50 + 10))
+    assert a.weight.abs().max() <= bound and a.weight.abs().max() > 0.9 * bound
 
 
 def test_ngf_multistep_schedule():
@@ -227,11 +299,22 @@ def test_ngf_multistep_schedule():
 # ------------------------------------------------------------------------------------------
 
 
+def test_sft_cycle_runs_on_one_counter_across_the_phase_change():
+    # backdoor-toolbox's adjust_lr: pos = iteration mod 2h, the iteration never reset
+    params = {"lr_base": 0.1, "lr_max1": 1.1, "lr_max2": 0.6, "half_cycle": 5,
+              "phase1_fraction": 0.575}
+    cfg = make_config("sft", params)
+    # 40 iterations: phase 2 from t = 23, at pos 3 of its cycle (not restarted at 0)
+    assert sft.sft_lr(22, 40, cfg) == pytest.approx(0.1 + 1.0 * 2 / 5)
+    assert sft.sft_lr(23, 40, cfg) == pytest.approx(0.1 + 0.5 * 3 / 5)
+    assert sft.sft_lr(25, 40, cfg) == pytest.approx(0.6)
+
+
 def test_sft_schedule_at_chosen_steps():
     params = {"lr_base": 0.1, "lr_max1": 1.1, "lr_max2": 0.6, "half_cycle": 5,
               "phase1_fraction": 0.5}
     cfg = make_config("sft", params)
-    # 40 iterations: phase 1 is t < 20 (peak 1.1), phase 2 restarts the cycle (peak 0.6).
+    # 40 iterations: phase 1 is t < 20 (peak 1.1), then peak 0.6 on the same cycle.
     expected = {0: 0.1, 2: 0.5, 5: 1.1, 7: 0.7, 10: 0.1, 15: 1.1, 20: 0.1, 23: 0.4, 25: 0.6,
                 30: 0.1, 39: 0.2}
     for t, lr in expected.items():
@@ -263,3 +346,7 @@ def test_select_trainable_freezes_backbone_in_eval_mode(model):
     params = E.select_trainable(model, "backbone")
     assert all(id(p) not in {id(q) for q in model.head.parameters()} for p in params)
     assert model.body.training
+    params = E.select_trainable(model, "last_block")
+    assert params == [*model.last_block.parameters(), *model.head.parameters()]
+    assert model.last_block.training and model.head.training
+    assert [m.training for m in model.body] == [m is model.last_block for m in model.body]

@@ -63,6 +63,14 @@ def test_sft_order_holds_for_every_sample() -> None:
         assert p["lr_base"] < p["lr_max2"] < p["lr_max1"]
 
 
+def test_ngf_space_searches_the_authors_variants() -> None:
+    space = load_space("ngf")
+    choices = {k: set(space.distributions[k].choices) for k in ("trainable", "reinit_head", "fisher")}
+    assert choices == {"trainable": {"head", "last_block", "all"}, "reinit_head": {False, True},
+                       "fisher": {"empirical", "true"}}  # strings: a bare YAML true is a bool
+    assert 0.0 in space.distributions["eta_f"].choices  # EWC off is searched too
+
+
 def test_json_round_trip() -> None:
     space = load_space("ngf")
     data = json.loads(json.dumps(space_to_json(space)))
@@ -123,15 +131,15 @@ BAD = {
     "default outside range": ("defense: ft\nparams:\n" + GOOD_PARAMS + "default: {lr: 0.5}\n",
                               "default.lr = 0.5 is outside"),
     "default not among choices": (
-        "defense: ftsam\nparams:\n  label_smoothing: {type: categorical, choices: [0.0, 0.1]}\n"
-        "default: {label_smoothing: 0.2}\n", "default.label_smoothing = 0.2 is outside"),
-    "default wrong type": ("defense: ft\nparams:\n  epochs: {type: int, low: 5, high: 20}\n"
-                           "default: {epochs: 7.5}\n", "default.epochs = 7.5"),
+        ("defense: ftsam\nparams:\n  label_smoothing: {type: categorical, choices: [0.0, 0.1]}\n"
+         "default: {label_smoothing: 0.2}\n"), "default.label_smoothing = 0.2 is outside"),
+    "default wrong type": (("defense: ft\nparams:\n  epochs: {type: int, low: 5, high: 20}\n"
+                            "default: {epochs: 7.5}\n"), "default.epochs = 7.5"),
     "default unknown param": ("defense: ft\nparams:\n" + GOOD_PARAMS + "default: {momentum: 0.9}\n",
                               "default.momentum: not a searched param"),
     "overlapping constraint": (
-        "defense: sft\nparams:\n  lr_base: {type: float, low: 0.001, high: 0.1}\n"
-        "  lr_max2: {type: float, low: 0.05, high: 0.2}\nconstraints: ['lr_base < lr_max2']\n",
+        ("defense: sft\nparams:\n  lr_base: {type: float, low: 0.001, high: 0.1}\n"
+         "  lr_max2: {type: float, low: 0.05, high: 0.2}\nconstraints: ['lr_base < lr_max2']\n"),
         "ranges overlap"),
     "value the Config rejects": ("defense: ft\nparams:\n  lr: {type: float, low: -0.1, high: 0.1}\n",
                                  "the ft Config rejects the space's lower corner"),

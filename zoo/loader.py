@@ -47,9 +47,12 @@ def augment(x: torch.Tensor, info: DatasetInfo, generator: torch.Generator) -> t
 class DeviceLoader:
     """Shuffled, augmented, normalized batches from a split that lives on ``device``.
 
-    Training batches have a fixed shape: the last incomplete batch is dropped (as BackdoorBench's
-    ``drop_last=True``), unless the split is smaller than one batch, in which case the whole
-    split is one batch.
+    Training batches (``train=True``): with ``drop_last`` (the default: victim training, as
+    BackdoorBench's attack scripts, e.g. ``attack/badnet.py``, ``drop_last=True``) the last
+    incomplete batch is dropped, so every batch has the same shape; without it (the default of
+    ``torch.utils.data.DataLoader``, which the defenses' reference loops keep) it is kept:
+    ``ceil(n / batch_size)`` batches a pass. A split smaller than one batch is one batch either
+    way. Evaluation batches (``train=False``) hold every image, in order.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class DeviceLoader:
         device: torch.device,
         seed: int = 0,
         train: bool = True,
+        drop_last: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size}: expected >= 1")
@@ -69,13 +73,15 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.device = device
         self.train = train
+        self.drop_last = drop_last
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self) -> int:
-        n = len(self.split)
+        full, rest = divmod(len(self.split), self.batch_size)
+        every = full + (rest > 0)  # every image, the last batch partial
         if not self.train:
-            return -(-n // self.batch_size)
-        return max(1, n // self.batch_size)
+            return every
+        return max(1, full if self.drop_last else every)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.split)
