@@ -12,7 +12,9 @@ from torch.nn import functional as F
 from zoo.attacks import make_attack
 from zoo.data import Splits, load_splits
 from zoo.loader import normalize
+from zoo.metrics import Metrics
 from zoo.models import build_model
+from zoo.runtime import prepare_model, to_device_layout
 from zoo.sequela import (
     RetuneConfig,
     _ra_set,
@@ -40,7 +42,8 @@ def splits() -> Splits:
 
 @pytest.fixture(scope="module")
 def zoo(splits, tmp_path_factory):
-    spec = ZooSpec(attacks=("none", "badnets"), zoo_dir=tmp_path_factory.mktemp("zoo"), recipe=SHORT)
+    spec = ZooSpec(attacks=("none", "badnets"), zoo_dir=tmp_path_factory.mktemp("zoo"),
+                   recipe=SHORT)
     clean, badnets = get_victims(spec, splits=splits, device="cpu", progress=False)
     return clean, badnets
 
@@ -49,14 +52,20 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _ra(model: torch.nn.Module, victim, splits: Splits, **kw) -> Metrics:
+    """RA with ``victim``'s attack at its poison rate, on the CPU (``kw``: seed, cfg)."""
+    kw.setdefault("seed", 0)
+    return retuning_attack(model, victim.attack_obj, splits, poison_rate=victim.poison_rate,
+                           device="cpu", triggered=victim.bd_test, **kw)
+
+
 @pytest.fixture(scope="module")
 def ra_victim(zoo, splits):
-    """RA (digits protocol) on the undefended BadNets victim, and whether its model was left alone."""
+    """RA (digits protocol) on the undefended BadNets victim; whether its model was left alone."""
     _, victim = zoo
     model = victim.model("cpu")
     before, mode = _snapshot(model), model.training
-    metrics = retuning_attack(model, victim.attack_obj, splits, poison_rate=victim.poison_rate, seed=0,
-                              device="cpu", triggered=victim.bd_test)
+    metrics = _ra(model, victim, splits)
     after = model.state_dict()
     unchanged = mode == model.training and all(torch.equal(before[k], after[k]) for k in before)
     return metrics, unchanged
@@ -68,7 +77,8 @@ def ra_victim(zoo, splits):
 
 
 def _brute_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos.tolist(), neg.tolist()))
+    pairs = itertools.product(pos.tolist(), neg.tolist())
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs)
     return wins / (len(pos) * len(neg))
 
 
@@ -99,10 +109,10 @@ def test_mia_auc_of_a_memorizing_model_is_high_and_of_an_untrained_one_near_half
     torch.manual_seed(0)
     tiny = splits.train.subset(torch.arange(40))
     small = dataclasses.replace(splits, clean=tiny)
-    model = build_model("cnn", splits.info)
+    model = prepare_model(build_model("cnn", splits.info), torch.device("cpu"))
     untrained = mia_auc(model, small, seed=0, device="cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x = normalize(tiny.x, splits.info)
+    x = to_device_layout(normalize(tiny.x, splits.info))
     model.train()
     for _ in range(40):  # full-batch steps on 40 images: memorized
         loss = F.cross_entropy(model(x), tiny.y)
@@ -112,7 +122,7 @@ def test_mia_auc_of_a_memorizing_model_is_high_and_of_an_untrained_one_near_half
     assert float(loss.detach()) < 0.05
     memorized = mia_auc(model, small, seed=0, device="cpu")
     assert abs(untrained - 0.5) < 0.1, untrained
-    assert memorized > 0.75, memorized
+    assert memorized > 0.7, memorized  # 0.83 measured
     assert mia_auc(model, small, seed=0, device="cpu") == memorized  # deterministic
 
 
@@ -121,18 +131,18 @@ def test_mia_auc_of_a_memorizing_model_is_high_and_of_an_untrained_one_near_half
 # ---------------------------------------------------------------------------------------------
 
 
-def test_ra_restores_the_backdoor_of_the_undefended_victim_and_leaves_it_unchanged(ra_victim) -> None:
+def test_ra_keeps_the_undefended_victims_backdoor_and_leaves_the_model_alone(ra_victim) -> None:
     metrics, unchanged = ra_victim
     assert metrics.asr > 90.0 and metrics.acc > 90.0, metrics
     assert unchanged
 
 
-def test_ra_on_the_clean_model_raises_asr_far_less_than_on_the_victim(zoo, splits, ra_victim) -> None:
+def test_ra_on_the_clean_model_raises_asr_far_less_than_on_the_victim(zoo, splits,
+                                                                      ra_victim) -> None:
     clean, victim = zoo
     model = clean.model("cpu")
     before = _snapshot(model)
-    on_clean = retuning_attack(model, victim.attack_obj, splits, poison_rate=victim.poison_rate, seed=0,
-                               device="cpu", triggered=victim.bd_test)
+    on_clean = _ra(model, victim, splits)
     assert on_clean.asr + 50.0 < ra_victim[0].asr, (on_clean, ra_victim[0])
     assert on_clean.acc > 90.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -142,20 +152,17 @@ def test_ra_with_more_poison_teaches_the_clean_model_the_trigger(zoo, splits) ->
     """The poisoned images carry trigger -> target: 30 of them (not the protocol's 5) implant it."""
     clean, victim = zoo
     teach = RetuneConfig(data_ratio=0.3, poison_count=30, epochs=10, batch_size=32)
-    taught = retuning_attack(clean.model("cpu"), victim.attack_obj, splits, poison_rate=victim.poison_rate,
-                             seed=0, device="cpu", cfg=teach, triggered=victim.bd_test)
+    taught = _ra(clean.model("cpu"), victim, splits, cfg=teach)
     assert taught.asr > 30.0 and taught.acc > 90.0, taught
 
 
 def test_ra_is_deterministic_and_tunes_parameters_a_defense_froze(zoo, splits) -> None:
     _, victim = zoo
-    kw = {"poison_rate": victim.poison_rate, "seed": 3, "device": "cpu", "cfg": QUICK,
-          "triggered": victim.bd_test}
-    first = retuning_attack(victim.model("cpu"), victim.attack_obj, splits, **kw)
+    first = _ra(victim.model("cpu"), victim, splits, seed=3, cfg=QUICK)
     frozen = victim.model("cpu").eval()  # as a linear-probing defense may leave it
     for p in frozen.parameters():
         p.requires_grad_(False)
-    assert retuning_attack(frozen, victim.attack_obj, splits, **kw) == first
+    assert _ra(frozen, victim, splits, seed=3, cfg=QUICK) == first
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
@@ -185,7 +192,8 @@ def test_ra_refuses_an_attack_without_poison(zoo, splits) -> None:
 
 def test_retune_config_defaults_overrides_and_errors() -> None:
     assert retune_config() == RetuneConfig()
-    assert (RetuneConfig().data_ratio, RetuneConfig().poison_count, RetuneConfig().epochs) == (0.02, 5, 5)
+    paper = RetuneConfig()
+    assert (paper.data_ratio, paper.poison_count, paper.epochs, paper.lr) == (0.02, 5, 5, 0.01)
     assert retune_config("digits").data_ratio == 1.0 and retune_config("cifar10") == RetuneConfig()
     assert retune_config("digits", {"lr": 1}).lr == 1.0
     with pytest.raises(ValueError, match="no field 'lrate'"):
@@ -206,12 +214,11 @@ def test_sequela_and_anchors_agree_with_their_parts(zoo, splits) -> None:
     model = victim.model("cpu")  # "defended" by nothing: the AUC cannot change
     s = sequela(model, victim, splits, seed=1, device="cpu", cfg=QUICK)
     assert s.attack == "badnets" and s.mia_after == s.mia_before and s.mia_change == 0.0
-    assert s.retuned == retuning_attack(model, victim.attack_obj, splits, poison_rate=victim.poison_rate,
-                                        seed=1, device="cpu", cfg=QUICK)
-    assert set(s.as_dict()) == {"ra_acc", "ra_asr", "ra_ra", "mia_before", "mia_after", "mia_change",
-                                "sequela_seconds"}
-    assert sequela(model, victim, splits, seed=1, device="cpu", cfg=QUICK, mia_before=0.25).mia_change \
-        == pytest.approx(s.mia_after - 0.25)
+    assert s.retuned == _ra(model, victim, splits, seed=1, cfg=QUICK)
+    assert set(s.as_dict()) == {"ra_acc", "ra_asr", "ra_ra", "mia_before", "mia_after",
+                                "mia_change", "sequela_seconds"}
+    given = sequela(model, victim, splits, seed=1, device="cpu", cfg=QUICK, mia_before=0.25)
+    assert given.mia_change == pytest.approx(s.mia_after - 0.25)
     a = ra_anchors(victim, clean.model("cpu"), splits, seed=1, device="cpu", cfg=QUICK)
     assert a.undefended == s.retuned and a.clean.asr < a.undefended.asr
     with pytest.raises(ValueError, match="no poison rate"):

@@ -20,13 +20,15 @@ defense, per attack, both pure PyTorch and both deterministic from a seed:
    Connection to Overfitting" (CSF 2018): a sample is called a member when its cross-entropy
    loss is low. Reported as the exact ROC AUC (Mann-Whitney rank statistic, ties counted half)
    of the score ``-loss`` on the defender's clean images (members: the defense fine-tuned on
-   them, and the victim was trained on them) against as many held-out test images of the same
-   classes (non-members), drawn with the seed. Why this attack: it needs one forward pass and no shadow
-   models, so it costs less than the RA's evaluation; its AUC sweeps every threshold, so there
-   is no threshold to tune; it uses the true label, which makes it at least as strong as the
-   label-free max-softmax confidence attack (Salem et al., NDSS 2019) on the images a model
-   gets wrong; and it is the metric-based family of ML-Doctor (Liu et al., USENIX Security 2022),
-   by the same group as Sha et al. A defense that fine-tunes many epochs on ~100 images can
+   them, and the victim was trained on them) against as many held-out test images of the
+   same classes (non-members), drawn with the seed. Why this attack: it needs one forward pass
+   and no shadow models, so it costs far less than the RA; its AUC sweeps every threshold, so
+   there is no threshold to tune; it uses the true label, which makes it at least as strong as
+   the label-free max-softmax confidence attack (Salem et al., NDSS 2019) on the images a model
+   gets wrong; and ``-loss = log p_y`` ranks images exactly as the true-class confidence does,
+   so its AUC is that of the confidence attack among the metric-based attacks (Song and
+   Mittal, USENIX Security 2021) that ML-Doctor (Liu et al., USENIX Security 2022; co-authored
+   by two of Sha et al.) runs. A defense that fine-tunes many epochs on ~100 images can
    memorize them: AUC 0.5 is no exposure, 1.0 total.
 
 RA protocol as released [code: ``fine_tune/ft_poison.py``, README command]
@@ -54,8 +56,9 @@ Departures
   per epoch, 45 in all (paper: 8 and 40).
 - Dirty-label attacks: the poisoned images are drawn among the *relabelled* ones (the attacker's
   poisoned training images whose label changed to the target). BackdoorBench also poisons
-  target-class images, so about 1 draw in 10 in the released code is a triggered image that
-  keeps its own label; it teaches nothing about the trigger. Clean-label attacks (SIG, LC): the
+  target-class images (``utils/backdoor_generate_poison_index.py``), so about 1 draw in 10 in
+  the released code is a triggered image that keeps its own label, whose content already
+  says "target": it carries little of the trigger's lesson. Clean-label attacks (SIG, LC): the
   triggered target-class images. WaNet's noise images and BPP's negatives (labels kept) are
   never drawn.
 - Clean images are drawn from the training split without the images whose poisoned version
@@ -81,6 +84,10 @@ Per victim, after the defense has run (``model`` is the purified model)::
 ``mia_before`` (the undefended victim's AUC) depends only on the victim: pass it to
 :func:`sequela` to measure it once per victim. ``clean_victim`` is the ``none`` victim
 (``get_victims(spec, ["none"], splits=splits)``).
+
+Cost (digits, cnn, one CPU thread): one RA is 45 SGD steps of 128 images plus a test
+evaluation, about 2.2 s of CPU (FT at its digits defaults: 5 s); both AUCs together 0.05 s.
+:func:`sequela` runs one RA per victim, :func:`ra_anchors` two.
 """
 
 from __future__ import annotations
@@ -140,15 +147,17 @@ class RetuneConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.data_ratio <= 1.0:
-            raise ValueError(f"RetuneConfig data_ratio {self.data_ratio}: expected a number in (0, 1]")
+            raise ValueError(f"RetuneConfig data_ratio {self.data_ratio}: "
+                             "expected a number in (0, 1]")
         if self.poison_count < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"RetuneConfig poison_count {self.poison_count}, epochs {self.epochs}, "
-                             f"batch_size {self.batch_size}: expected each >= 1")
+            raise ValueError(f"RetuneConfig poison_count {self.poison_count}, epochs "
+                             f"{self.epochs}, batch_size {self.batch_size}: expected each >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0.0):
             raise ValueError(f"RetuneConfig lr {self.lr}: expected a finite number > 0")
         if not 0.0 <= self.momentum < 1.0 or not self.weight_decay >= 0.0:
-            raise ValueError(f"RetuneConfig momentum {self.momentum}, weight_decay {self.weight_decay}: "
-                             "expected momentum in [0, 1) and weight_decay >= 0")
+            raise ValueError(f"RetuneConfig momentum {self.momentum}, weight_decay "
+                             f"{self.weight_decay}: expected momentum in [0, 1) and "
+                             "weight_decay >= 0")
 
     def set_size(self, n_train: int) -> int:
         """Images in the RA set for a training split of ``n_train`` (poisoned ones included)."""
@@ -163,7 +172,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def retune_config(dataset: str | None = None, params: Mapping[str, Any] | None = None) -> RetuneConfig:
+def retune_config(dataset: str | None = None,
+                  params: Mapping[str, Any] | None = None) -> RetuneConfig:
     """Released defaults, then ``OVERRIDES[dataset]``, then ``params``; unknown keys and wrong
     types raise ValueError naming them.
 
@@ -175,7 +185,8 @@ def retune_config(dataset: str | None = None, params: Mapping[str, Any] | None =
     for source in (OVERRIDES.get(dataset or "", {}), params or {}):
         for key, value in source.items():
             if key not in fields:
-                raise ValueError(f"RetuneConfig has no field {key!r}: expected one of {', '.join(fields)}")
+                raise ValueError(f"RetuneConfig has no field {key!r}: "
+                                 f"expected one of {', '.join(fields)}")
             values[key] = _coerce(key, value, fields[key])
     return RetuneConfig(**values)
 
@@ -185,7 +196,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     ok = isinstance(value, bool) if kind is bool else (
         not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
     if not ok:
-        raise ValueError(f"RetuneConfig {key}={value!r} ({type(value).__name__}): expected {kind.__name__}")
+        raise ValueError(f"RetuneConfig {key}={value!r} ({type(value).__name__}): "
+                         f"expected {kind.__name__}")
     return kind(value)
 
 
@@ -214,8 +226,8 @@ def _ra_set(attack: Attack, train: Split, cfg: RetuneConfig, *, poison_rate: flo
         raise ValueError(f"attack {attack.name!r} poisons {len(pool)} training images at rate "
                          f"{poison_rate}: expected at least poison_count={k}")
     if size > len(train):
-        raise ValueError(f"RA set of {size} images from {len(train)} training images: expected at most "
-                         f"{len(train)} (poison_count {k})")
+        raise ValueError(f"RA set of {size} images from {len(train)} training images: "
+                         f"expected at most {len(train)} (poison_count {k})")
     pick = pool[torch.randperm(len(pool), generator=generator)[:k]]
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[pick] = False
@@ -294,7 +306,8 @@ def retuning_attack(
     _retune(tuned, data.to(dev), is_poison, splits.info, cfg, generator=gen, device=dev,
             precision=precision)
     bd = triggered if triggered is not None else attack.triggered(splits.test)
-    return evaluate(tuned, splits.test, bd, attack.target, splits.info, device=dev, precision=precision)
+    return evaluate(tuned, splits.test, bd, attack.target, splits.info, device=dev,
+                    precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +344,8 @@ def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     Mann-Whitney U statistic from average ranks (ties share their mean rank), in float64."""
     n_pos, n_neg = len(positive), len(negative)
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"roc_auc got {n_pos} positive and {n_neg} negative scores: expected both >= 1")
+        raise ValueError(f"roc_auc got {n_pos} positive and {n_neg} negative scores: "
+                         "expected both >= 1")
     scores = torch.cat([positive.flatten(), negative.flatten()]).double().cpu()
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("roc_auc got a non-finite score: expected finite scores")
@@ -365,7 +379,8 @@ def mia_auc(model: nn.Module, splits: Splits, *, seed: int, device: torch.device
     Class-matched because the loss depends on the class: against an unmatched draw of 40 digits
     an untrained cnn scored AUC 0.60 from the class mix alone.
     """
-    members, outsiders = _class_matched(splits.clean, splits.test, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    members, outsiders = _class_matched(splits.clean, splits.test, gen)
     info = splits.info
     return roc_auc(loss_scores(model, members, info, device=device, precision=precision),
                    loss_scores(model, outsiders, info, device=device, precision=precision))
@@ -417,7 +432,8 @@ class Anchors:
 
 def _poison_rate(victim: Victim) -> float:
     if victim.poison_rate is None:
-        raise ValueError(f"victim {victim.attack!r} has no poison rate: expected a backdoored victim, not 'none'")
+        raise ValueError(f"victim {victim.attack!r} has no poison rate: "
+                         "expected a backdoored victim, not 'none'")
     return float(victim.poison_rate)
 
 
@@ -450,8 +466,8 @@ def ra_anchors(victim: Victim, clean_model: nn.Module, splits: Splits, *, seed: 
     never backdoored) and on the undefended victim. Neither model is modified."""
     start = time.perf_counter()
     dev = torch.device(device)
-    kw: dict[str, Any] = {"poison_rate": _poison_rate(victim), "seed": seed, "device": dev, "cfg": cfg,
-                          "triggered": victim.bd_test, "precision": precision}
+    kw: dict[str, Any] = {"poison_rate": _poison_rate(victim), "seed": seed, "device": dev,
+                          "cfg": cfg, "triggered": victim.bd_test, "precision": precision}
     clean = retuning_attack(clean_model, victim.attack_obj, splits, **kw)
     undefended = retuning_attack(victim.model(dev), victim.attack_obj, splits, **kw)
     return Anchors(victim.attack, clean, undefended, time.perf_counter() - start)
