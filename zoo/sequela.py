@@ -192,7 +192,8 @@ def retune_config(dataset: str | None = None,
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    kind = {"float": float, "int": int, "bool": bool}[str(annotation)]
+    # Annotations are strings here (postponed evaluation); a type object names itself.
+    kind = {"float": float, "int": int, "bool": bool}[getattr(annotation, "__name__", annotation)]
     ok = isinstance(value, bool) if kind is bool else (
         not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
     if not ok:
