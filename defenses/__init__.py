@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from defenses import fst, ft, ftsam, ngf, sft
-from defenses._config import ConfigError, build_config, config_asdict, config_fields
 from defenses._engine import EpochResult
+from zoo.config import ConfigError, build_config, config_asdict, config_fields
 
 __all__ = [
     "REGISTRY",

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from defenses._config import ConfigError, check, check_common
+from zoo.config import ConfigError, check, check_common
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader, augment, normalize
 from zoo.runtime import PRECISIONS, prepare_model, to_device_layout

@@ -18,12 +18,11 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from zoo.runtime import Precision
-
 import torch
 
 from defenses import get_defense, make_config
 from zoo.metrics import der, evaluate
+from zoo.runtime import Precision
 
 __all__ = ["DIVERGED_METRICS", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
 

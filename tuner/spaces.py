@@ -60,9 +60,9 @@ from optuna.distributions import (
 )
 
 from defenses import ConfigError, get_defense, make_config
-from defenses._config import config_types, describe_type, field_fits
 from tuner._io import clip, clip_text
 from tuner.errors import UsageError
+from zoo.config import config_types, describe_type, field_fits
 
 __all__ = ["Space", "SpaceError", "load_space", "space_from_json", "space_to_json",
            "shipped_spaces"]

@@ -93,7 +93,6 @@ evaluation, about 2.2 s of CPU (FT at its digits defaults: 5 s); both AUCs toget
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Mapping
@@ -105,6 +104,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from zoo.attacks.base import Attack
+from zoo.config import ConfigError, build_config
 from zoo.data import DatasetInfo, Split, Splits
 from zoo.loader import augment, normalize
 from zoo.metrics import Metrics, evaluate
@@ -147,15 +147,15 @@ class RetuneConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.data_ratio <= 1.0:
-            raise ValueError(f"RetuneConfig data_ratio {self.data_ratio}: "
+            raise ConfigError(f"RetuneConfig data_ratio {self.data_ratio}: "
                              "expected a number in (0, 1]")
         if self.poison_count < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"RetuneConfig poison_count {self.poison_count}, epochs "
+            raise ConfigError(f"RetuneConfig poison_count {self.poison_count}, epochs "
                              f"{self.epochs}, batch_size {self.batch_size}: expected each >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0.0):
-            raise ValueError(f"RetuneConfig lr {self.lr}: expected a finite number > 0")
+            raise ConfigError(f"RetuneConfig lr {self.lr}: expected a finite number > 0")
         if not 0.0 <= self.momentum < 1.0 or not self.weight_decay >= 0.0:
-            raise ValueError(f"RetuneConfig momentum {self.momentum}, weight_decay "
+            raise ConfigError(f"RetuneConfig momentum {self.momentum}, weight_decay "
                              f"{self.weight_decay}: expected momentum in [0, 1) and "
                              "weight_decay >= 0")
 
@@ -175,31 +175,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 def retune_config(dataset: str | None = None,
                   params: Mapping[str, Any] | None = None) -> RetuneConfig:
     """Released defaults, then ``OVERRIDES[dataset]``, then ``params``; unknown keys and wrong
-    types raise ValueError naming them.
+    types raise :class:`zoo.config.ConfigError` naming them (the rules of every config).
 
     >>> retune_config("digits").data_ratio, retune_config(params={"epochs": 3}).epochs
     (1.0, 3)
     """
-    fields = {f.name: f.type for f in dataclasses.fields(RetuneConfig)}
-    values: dict[str, Any] = {}
-    for source in (OVERRIDES.get(dataset or "", {}), params or {}):
-        for key, value in source.items():
-            if key not in fields:
-                raise ValueError(f"RetuneConfig has no field {key!r}: "
-                                 f"expected one of {', '.join(fields)}")
-            values[key] = _coerce(key, value, fields[key])
-    return RetuneConfig(**values)
-
-
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    # Annotations are strings here (postponed evaluation); a type object names itself.
-    kind = {"float": float, "int": int, "bool": bool}[getattr(annotation, "__name__", annotation)]
-    ok = isinstance(value, bool) if kind is bool else (
-        not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int))
-    if not ok:
-        raise ValueError(f"RetuneConfig {key}={value!r} ({type(value).__name__}): "
-                         f"expected {kind.__name__}")
-    return kind(value)
+    return build_config(RetuneConfig, "retune", OVERRIDES, params, dataset=dataset)
 
 
 # ---------------------------------------------------------------------------------------------

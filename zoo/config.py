@@ -1,4 +1,5 @@
-"""Defense configs: one type system for every ``Config`` dataclass.
+"""Configs: one type system for every ``Config`` dataclass (the defenses', the re-tuning
+attack's), in the bottom layer so every package uses the same rules.
 
 - :func:`build_config`: paper defaults, then a dataset's override diff, then the caller's
   params; each key and value checked against the field's annotation (:func:`coerce`);
@@ -24,7 +25,7 @@ __all__ = ["ConfigError", "build_config", "check", "check_common", "coerce", "co
 
 
 class ConfigError(ValueError):
-    """A defense name, config key, type or value that is not accepted."""
+    """A config name, key, type or value that is not accepted (re-exported by ``defenses``)."""
 
 
 def check(ok: bool, message: str) -> None:
