@@ -65,7 +65,9 @@ DRIVER = textwrap.dedent("""
     def faulty(*args, **kwargs):
         if os.environ["FAULT"] == "raise":
             from ray import tune
-            if tune.get_context().get_trial_id().endswith("_00001"):
+            ctx = tune.get_context()  # the trial folder: <fn>_<id>_<creation index, from 1>_...
+            folder = os.path.basename(ctx.get_trial_dir().rstrip("/"))
+            if folder.split(f"_{ctx.get_trial_id()}_", 1)[1].startswith("2_"):
                 raise RuntimeError("injected fault in trial 1")
         for item in trial_epochs(*args, **kwargs):
             if os.environ["FAULT"] == "slow":

@@ -44,10 +44,11 @@ def _trial(i: int, lr: float, epochs: int, acc: float, asr: float, **kw) -> dict
     return row
 
 
-def _seed(shift: float) -> dict:
-    return {"badnets": {"before": _pa(95, 99, 1), "after": _pa(90 + shift, 5 + shift), "seconds": 1},
-            "blended": {"before": _pa(94, 98, 1), "after": _pa(88 + shift, 10), "seconds": 1},
-            "sig": {"before": _pa(93, 97, 2), "after": _pa(80, 30 - shift), "seconds": 1}}
+def _seed(shift: float, seed: int = 0) -> dict:
+    per = {"badnets": {"before": _pa(95, 99, 1), "after": _pa(90 + shift, 5 + shift), "seconds": 1},
+           "blended": {"before": _pa(94, 98, 1), "after": _pa(88 + shift, 10), "seconds": 1},
+           "sig": {"before": _pa(93, 97, 2), "after": _pa(80, 30 - shift), "seconds": 1}}
+    return {"victim_seed": 0, "defense_seed": seed, "per_attack": per}
 
 
 @pytest.fixture()
@@ -67,12 +68,17 @@ def run_dir(tmp_path: Path) -> Path:
                values=[], per_attack={}),
         _trial(5, 0.015, 8, 89, 20),
     ]
-    final = {"best": {"params": {"lr": 0.03, "epochs": 15}, "val_score": 81.0,
-                      "seeds": [_seed(0.0), _seed(2.0), _seed(4.0)]},
+    final = {"format": 2,
+             "best": {"params": {"lr": 0.03, "epochs": 15}, "val_score": 81.0, "trial": 1,
+                      "runs": [_seed(0.0, 0), _seed(2.0, 1), _seed(4.0, 2)]},
              "default": {"params": {"lr": 0.01, "epochs": 10}, "val_score": 49.0,
-                         "seeds": [_seed(-10.0), _seed(-8.0), _seed(-12.0)]},
-             "no_defense": {"per_attack": {"badnets": _pa(95, 99, 1), "blended": _pa(94, 98, 1),
-                                           "sig": _pa(93, 97, 2)}}}
+                         "runs": [_seed(-10.0, 0), _seed(-8.0, 1), _seed(-12.0, 2)]},
+             "no_defense": {"runs": [{"victim_seed": 0, "per_attack": {
+                 "badnets": _pa(95, 99, 1), "blended": _pa(94, 98, 1), "sig": _pa(93, 97, 2)}}],
+                 "val": {"badnets": _pa(95, 99, 1), "blended": _pa(94, 98, 1)}},
+             "sizes": {"test_clean": 360, "val_clean": 359,
+                       "test_triggered": {"badnets": 324, "blended": 324, "sig": 324},
+                       "val_triggered": {"badnets": 323, "blended": 323}}}
     for name, obj in (("spec.json", spec), ("space.json", SPACE), ("trials.json", trials),
                       ("final.json", final), ("timing.json", {"wall_seconds": 123.4})):
         (tmp_path / name).write_text(json.dumps(obj))
@@ -99,7 +105,7 @@ def test_summary_keys_and_seed_statistics(run_dir: Path) -> None:
     assert s["provenance"]["git_commit"] == "abc123"
     best = s["best"]
     assert best["params"] == {"lr": 0.03, "epochs": 15}
-    assert best["test"]["seeds"] == 3
+    assert best["test"]["runs"] == 3
     assert set(best["test"]["per_attack"]) == {"badnets", "blended", "sig"}  # held out included
     assert best["test"]["per_attack"]["badnets"]["acc"] == pytest.approx(92.0)  # 90, 92, 94
     assert best["test"]["per_attack"]["sig"]["asr"] == pytest.approx(28.0)
@@ -193,3 +199,73 @@ def test_poison_rate_row_names_the_attacks_off_the_default(run_dir: Path) -> Non
     final["poison_rates"] = {"none": None, "badnets": 0.1, "blended": 0.1, "sig": 0.08}
     (run_dir / "final.json").write_text(json.dumps(final))
     assert "| poison rate | 0.1 (sig 0.08) |" in render_markdown(collect(run_dir))
+
+
+# -- what the report concludes -------------------------------------------------------------------
+def test_verdict_per_attack_and_overall(run_dir: Path) -> None:
+    v = collect(run_dir).verdict
+    assert v is not None and (v.asr_threshold, v.acc_budget) == (10.0, 3.0)
+    status = {r.attack: r.status for r in v.attacks}
+    assert status == {"badnets": "removed", "blended": "reduced", "sig": "reduced"}
+    assert v.headline.startswith("Backdoor removed on 1 of 2 search attacks")
+    # paired over the same three runs: best - default = 5, 5 and 8 points
+    assert v.gain == pytest.approx(6.0) and v.gain_ci == pytest.approx(4.3027,
+                                                                       rel=1e-3)
+    loose = collect(run_dir, verdict_asr=11.0, verdict_acc_drop=5.0).verdict
+    assert loose is not None and loose.headline == "Backdoor removed on all 2 search attacks" \
+        "; held out: 0 of 1 removed"
+    md = render_markdown(collect(run_dir))
+    assert md.index("## Verdict") < md.index("## Search") and "| badnets | removed |" in md
+
+
+def _edit(run_dir: Path, name: str, change) -> None:
+    data = json.loads((run_dir / name).read_text())
+    change(data)
+    (run_dir / name).write_text(json.dumps(data))
+
+
+def test_no_warning_on_a_normal_run(run_dir: Path) -> None:
+    assert collect(run_dir).warnings == []
+
+
+def test_warns_when_the_best_value_sits_at_the_edge_of_its_range(run_dir: Path) -> None:
+    _edit(run_dir, "final.json", lambda f: f["best"]["params"].update(lr=0.049))
+    (w,) = collect(run_dir).warnings
+    assert "lr = 0.049 lies at the upper edge of its range [0.001, 0.05]" in w
+    assert "params.lr" in w and "--space" in w
+
+
+def test_warns_when_asha_stopped_most_trials(run_dir: Path) -> None:
+    def prune(trials: list) -> None:
+        for t in trials[1:]:
+            t["state"] = "pruned" if t["state"] == "complete" else t["state"]
+    _edit(run_dir, "trials.json", prune)
+    (w,) = collect(run_dir).warnings  # 3 of the 4 trials with val scores stopped early
+    assert "ASHA stopped 3 of 4 trials early" in w and "--scheduler fifo" in w
+
+
+def test_warns_when_no_trial_beats_no_defense_beyond_noise(run_dir: Path) -> None:
+    def flat(trials: list) -> None:  # no defense scores -4.0 on val
+        for t in trials:
+            if t["score"] is not None and t["state"] == "complete":
+                t["score"] = t["values"][0] = -3.5
+    _edit(run_dir, "trials.json", flat)
+    (w,) = collect(run_dir).warnings
+    assert "No trial scored more than" in w and "no defense (-4.0)" in w
+
+
+def test_importances_are_optuna_dashboards_on_the_same_study(run_dir: Path) -> None:
+    import optuna
+
+    from tuner.records import TrialRecord
+    from tuner.spaces import space_from_json
+    from tuner.study import export
+
+    data = collect(run_dir)
+    trials = [TrialRecord.from_json(t, "t") for t in json.loads((run_dir / "trials.json").read_text())]
+    export(run_dir / "study.db", trials, space_from_json(SPACE).distributions, "mean", "s")
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{run_dir / 'study.db'}")
+    dashboard = optuna.importance.get_param_importances(  # optuna-dashboard's call, maximize
+        study, target=lambda t: -t.values[0],
+        evaluator=optuna.importance.PedAnovaImportanceEvaluator())
+    assert data.importances == pytest.approx(dict(dashboard)) and data.importances

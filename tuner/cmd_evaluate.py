@@ -23,7 +23,7 @@ from typing import Any
 from defenses import REGISTRY, make_config
 from tuner import flags
 from tuner.errors import UsageError
-from tuner.evaluation import run_config
+from tuner.evaluation import anchors, mia_before, run_config
 from zoo.victims import ZooSpec, get_victims
 
 MAX_PARAMS_BYTES = 1 << 20  # a best_config.json is a few hundred bytes
@@ -43,6 +43,11 @@ class EvaluateCommand:
     defense_seed: int | None = field(default=None, metadata={
         "help": "first seed of the defense's own randomness (batch order, head init)",
         "default_text": "--seed, as a search's final evaluation"})
+    sequela: bool = field(default=False, metadata={
+        "help": "also measure whether the purification holds: ASR after a re-tuning attack and "
+                "the membership-inference AUC change (zoo/sequela.py), with the re-tuning "
+                "attack's anchors (the clean 'none' victim, built if missing, and the undefended "
+                "victim); about 2 s of CPU per victim and seed on digits"})
     zoo: ZooSpec = field(default_factory=ZooSpec, metadata={"title": "data and victims"})
     json: bool = field(default=False, metadata={"help": "print only JSON on stdout"})
 
@@ -139,21 +144,31 @@ def main(args: argparse.Namespace) -> int:
     splits = cmd.zoo.load_splits()
     victims = get_victims(cmd.zoo, splits=splits, progress=not cmd.json)
     seeds = list(range(cmd.first_seed, cmd.first_seed + cmd.seeds))
+    device, precision = cmd.zoo.device, cmd.zoo.precision
+    mia = mia_before(victims, splits, seed=cmd.first_seed, device=device,
+                     precision=precision) if cmd.sequela else None
+    anchor: dict[str, Any] = {}
+    if cmd.sequela:
+        (clean,) = get_victims(dataclasses.replace(cmd.zoo, attacks=("none",)), splits=splits,
+                               progress=not cmd.json)
+        anchor = anchors(victims, clean.model(device), splits, seed=cmd.first_seed,
+                         device=device, precision=precision)
     runs = []
     for seed in seeds:
-        runs.append(run_config(defense, params, victims, splits, seed=seed,
-                               device=cmd.zoo.device, split="test", precision=cmd.zoo.precision))
+        runs.append(run_config(defense, params, victims, splits, seed=seed, device=device,
+                               split="test", precision=precision, sequela=mia))
         if not cmd.json:
             print(f"{defense} on {cmd.zoo.dataset}/{cmd.zoo.arch}, victims from seed "
                   f"{cmd.zoo.seed}, defense seed {seed}, test split (percent)")
             print(format_table(runs[-1]))
     stats = summary(runs)
     if cmd.json:
+        keys = ("before", "after", "seconds", "diverged", "sequela")
         out = {"defense": defense, "params": dataclasses.asdict(cfg), "victim_seed": cmd.zoo.seed,
                "defense_seeds": seeds, "summary": {k: {"mean": m, "std": s}
                                                    for k, (m, s) in stats.items()},
-               "runs": [{a: {k: r[k] for k in ("before", "after", "seconds", "diverged")}
-                         for a, r in run.items()} for run in runs]}
+               "runs": [{a: {k: r[k] for k in keys if k in r} for a, r in run.items()}
+                        for run in runs], "sequela_anchors": anchor or None}
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -162,4 +177,26 @@ def main(args: argparse.Namespace) -> int:
     (acc, acc_sd), (asr, asr_sd) = stats["after acc"], stats["after asr"]
     print(f"summary over {len(victims)} attacks and {len(seeds)} seed(s): mean ACC "
           f"{acc0:.1f} -> {acc:.1f} ± {acc_sd:.1f}, mean ASR {asr0:.1f} -> {asr:.1f} ± {asr_sd:.1f}")
+    if cmd.sequela:
+        print(sequela_table(runs, anchor))
     return 0
+
+
+def sequela_table(runs: list[dict[str, dict[str, Any]]], anchor: dict[str, Any]) -> str:
+    """Per attack: ASR after a re-tuning attack (defended, clean model, undefended victim) and
+    the membership-inference AUC change, means over seeds."""
+    head = (f"{'attack':<10} {'ASR after re-tuning':>20} {'clean model':>12} "
+            f"{'undefended':>11} {'membership AUC change':>22}")
+    lines = ["does the purification hold? (lower re-tuned ASR is better; AUC change near 0)",
+             head, "-" * len(head)]
+    for a in runs[0]:
+        rows = [run[a]["sequela"] for run in runs if "sequela" in run[a]]
+        if not rows:
+            lines.append(f"{a:<10} {'(diverged)':>20}")
+            continue
+        ra = statistics.fmean(r["ra_asr"] for r in rows)
+        change = statistics.fmean(r["mia_change"] for r in rows)
+        an = anchor.get(a, {})
+        lines.append(f"{a:<10} {ra:20.1f} {an.get('clean_ra_asr', float('nan')):12.1f} "
+                     f"{an.get('undefended_ra_asr', float('nan')):11.1f} {change:+22.3f}")
+    return "\n".join(lines)

@@ -23,8 +23,10 @@ import torch
 from defenses import get_defense, make_config
 from zoo.metrics import der, evaluate
 from zoo.runtime import Precision
+from zoo.sequela import mia_auc, ra_anchors, retuning_attack
+from zoo.sequela import sequela as measure_sequela
 
-__all__ = ["DIVERGED_METRICS", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
+__all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 
@@ -90,7 +92,8 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
                  splits: Any, *, seed: int, device: torch.device | str,
                  max_epochs: int | None = None,
                  val_subsample: int | None = None,
-                 precision: Precision = "auto") -> Iterator[dict[str, Any]]:
+                 precision: Precision = "auto", retune: bool = False
+                 ) -> Iterator[dict[str, Any]]:
     """Yield, after every epoch, the per-attack metrics on val.
 
     Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
@@ -100,6 +103,8 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
     Stops when every generator has finished, or when every victim has diverged.
     ``val_subsample=n``: epochs before the last planned one use a fixed, seeded subset of ``n``
     clean and ``n`` triggered val images (see the module docstring); the last uses all of val.
+    ``retune``: at a victim's last planned epoch, also its ASR on val after a re-tuning attack
+    (``ra_asr``, :func:`zoo.sequela.retuning_attack`), for ``--objective robust``.
     """
     device = torch.device(device)
     cfg = resolve_config(defense, params, splits.info.name, max_epochs)
@@ -128,6 +133,10 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
             v = by_attack[attack]
             clean, triggered = val[attack]
             last[attack] = _measure(model, v, clean, triggered, splits.info, "val", device, precision)
+            if retune and epoch >= cfg.epochs:
+                last[attack]["ra_asr"] = retuning_attack(
+                    model, v.attack_obj, splits, poison_rate=float(v.poison_rate), seed=seed,
+                    device=device, clean=clean, triggered=triggered, precision=precision).asr
         if not advanced:
             return
         item = _item(epoch, runs, last, state, losses)
@@ -151,11 +160,15 @@ def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, floa
 
 def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
                splits: Any, *, seed: int, device: torch.device | str,
-               split: str = "test", precision: Precision = "auto") -> dict[str, dict[str, Any]]:
+               split: str = "test", precision: Precision = "auto",
+               sequela: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Run the configuration to the end on every victim; measure on ``split`` ("test"/"val").
 
     Returns ``{attack: {"before": {acc, asr, ra}, "after": {acc, asr, ra, der},
-    "seconds": defense wall time, "diverged": bool, "epochs": epochs run}}``.
+    "seconds": defense wall time, "diverged": bool, "epochs": epochs run}}``. ``sequela``
+    (the undefended victims' membership-inference AUC per attack, :func:`mia_before`): also
+    the backdoor sequela of the defended model on test (:func:`zoo.sequela.sequela`: ASR after a
+    re-tuning attack, membership-inference AUC and its change) under ``"sequela"``.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split {split!r}: expected 'test' or 'val'")
@@ -178,4 +191,24 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
                  else _measure(model, v, clean, triggered, splits.info, split, device, precision))
         out[v.attack] = {"before": v.metrics[split].as_dict(), "after": after,
                          "seconds": seconds, "diverged": diverged, "epochs": epochs}
+        if sequela is not None and not diverged:
+            s = measure_sequela(model, v, splits, seed=seed, device=device,
+                                mia_before=sequela.get(v.attack), precision=precision)
+            out[v.attack]["sequela"] = s.as_dict()
     return out
+
+
+def mia_before(victims: Sequence[Any], splits: Any, *, seed: int, device: torch.device | str,
+               precision: Precision = "auto") -> dict[str, float]:
+    """Membership-inference AUC of each undefended victim (what a defense's change is against)."""
+    return {v.attack: mia_auc(v.model(device), splits, seed=seed, device=device,
+                              precision=precision) for v in victims}
+
+
+def anchors(victims: Sequence[Any], clean_model: torch.nn.Module, splits: Any, *, seed: int,
+            device: torch.device | str, precision: Precision = "auto") -> dict[str, dict]:
+    """Per attack: the re-tuning attack on the clean reference model and on the undefended
+    victim (:func:`zoo.sequela.ra_anchors`), the two ends a defended model's post-RA ASR
+    lies between."""
+    return {v.attack: ra_anchors(v, clean_model, splits, seed=seed, device=device,
+                                 precision=precision).as_dict() for v in victims}

@@ -36,7 +36,7 @@ __all__ = [
     "values",
 ]
 
-Objective = Literal["mean", "worst", "der", "pareto"]
+Objective = Literal["mean", "worst", "der", "pareto", "robust"]
 OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
 
 # ACC - ASR lies in [-100, 100] and DER in [0, 100]: -100 is at or below every real score.
@@ -51,6 +51,10 @@ _DESCRIPTIONS = {
            "percent (50 = no change), on val",
     "pareto": "two objectives on val: maximize mean ACC, minimize mean ASR (percent); the best "
               "configuration on the Pareto front is the one with the highest mean(ACC - ASR)",
+    "robust": "maximize mean over attacks of ACC - max(ASR, post-RA ASR), percentage points, on "
+              "val: the ASR after a re-tuning attack (zoo/sequela.py) counts, so a purification "
+              "that only hides the backdoor scores low; epochs before a trial's last are scored "
+              "by the mean rule",
 }
 
 # One line each, for --help.
@@ -59,6 +63,8 @@ SHORT = {
     "worst": "its minimum over attacks",
     "der": "mean DER",
     "pareto": "two objectives, mean ACC up and mean ASR down",
+    "robust": "mean of ACC - max(ASR, ASR after a re-tuning attack); one re-tuning attack per "
+              "victim at each trial's last epoch (about 2 s of CPU per victim on digits)",
 }
 
 PerAttack = Mapping[str, Mapping[str, float]]
@@ -93,6 +99,9 @@ def score(per_attack: PerAttack, objective: str) -> float:
     if objective == "der":
         _gaps(per_attack)
         return _mean([float(m["der"]) for m in per_attack.values()])
+    if objective == "robust" and all("ra_asr" in m for m in per_attack.values()):
+        return _mean([float(m["acc"]) - max(float(m["asr"]), float(m["ra_asr"]))
+                      for m in per_attack.values()])
     return _mean(_gaps(per_attack))
 
 

@@ -27,6 +27,7 @@ __all__ = ["METRICS", "STATES", "State", "TrialRecord", "epoch_report", "flatten
 State = Literal["complete", "pruned", "diverged", "error", "incomplete"]
 STATES: tuple[str, ...] = ("complete", "pruned", "diverged", "error", "incomplete")
 METRICS = ("acc", "asr", "ra", "der")
+ROBUST = "ra_asr"  # val ASR after a re-tuning attack, at a trial's last epoch (--objective robust)
 SCORE = "score"  # what ASHA ranks by and the progress line shows (pareto: the mean rule)
 MAX_TEXT = 300  # characters kept of an error line
 
@@ -44,7 +45,8 @@ def unflatten(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         attack, sep, name = str(key).partition("/")
-        if sep and name in METRICS and isinstance(value, (int, float)) and math.isfinite(value):
+        if sep and name in (*METRICS, ROBUST) and isinstance(value, (int, float)) \
+                and math.isfinite(value):
             out.setdefault(attack, {})[name] = float(value)
     return out
 
@@ -161,7 +163,7 @@ class TrialRecord:
         per_attack = get.mapping("per_attack")
         for attack, metrics in per_attack.items():
             if not isinstance(metrics, dict) or not all(
-                    k in METRICS and _is_number(v) for k, v in metrics.items()):
+                    k in (*METRICS, ROBUST) and _is_number(v) for k, v in metrics.items()):
                 raise UsageError(f"{at}: per_attack.{str(attack)[:40]}: expected "
                                  f"{{metric: number}} with metrics {', '.join(METRICS)}")
         params = get.mapping("params")

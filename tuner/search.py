@@ -20,6 +20,7 @@ PosixPath('.../runs/ft-digits-20250101-120000')
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import torch
 
 from tuner import study as S
 from tuner._io import write_json
-from tuner.evaluation import resolve_config, run_config
+from tuner.evaluation import anchors, mia_before, resolve_config, run_config
 from tuner.objective import select_best
 from tuner.records import TrialRecord
 from tuner.report import console_summary, write_report
@@ -47,6 +49,7 @@ from zoo.victims import Victim, get_victims, prepare_attacks
 __all__ = ["final_evaluation", "pick_best", "provenance", "run_search"]
 
 ROOT = Path(__file__).resolve().parents[1]
+FINAL_FORMAT = 2  # final.json: runs with victim and defense seeds; references; anchors
 LIBRARIES = ("torch", "torchvision", "ray", "optuna", "numpy", "pandas")
 
 
@@ -120,15 +123,73 @@ def final_threads(cores: int | None) -> int:
     return max(1, (cores or 1) - 1)
 
 
-def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], victims: list[Victim],
+@dataclass(frozen=True)
+class VictimSet:
+    """The victims of one victim seed (search and held-out attacks) and what the final
+    evaluation measures against them once: their membership-inference AUC (sequela)."""
+
+    seed: int
+    victims: list[Victim]
+    mia: dict[str, float] | None
+
+
+def victim_sets(spec: ExperimentSpec, first: list[Victim], splits: Splits) -> list[VictimSet]:
+    """One set per ``--victim-seeds`` (the first is the search's victims; the others built once
+    and stored); with ``--sequela``, each victim's membership-inference AUC."""
+    device = torch.device(spec.zoo.device)
+    sets = []
+    for i in range(spec.victim_seeds):
+        victims = first if i == 0 else get_victims(
+            dataclasses.replace(spec.victims, victim_seed=spec.seed + i), splits=splits)
+        mia = mia_before(victims, splits, seed=spec.seed, device=device,
+                         precision=spec.zoo.precision) if spec.sequela else None
+        sets.append(VictimSet(spec.seed + i, victims, mia))
+    return sets
+
+
+def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], sets: list[VictimSet],
                      splits: Splits) -> list[dict[str, Any]]:
-    """``run_config`` on test for each final seed: one ``{attack: {before, after, ...}}`` each."""
+    """``run_config`` on test for each victim seed and each defense seed: one run each,
+    ``{"victim_seed", "defense_seed", "per_attack": {attack: {before, after, ...}}}``."""
     params = searched_params(spec, params)
-    seeds = range(spec.seed, spec.seed + spec.final_seeds)
+    runs = []
     with _torch_threads(final_threads(os.cpu_count())):
-        return [run_config(spec.defense, params, victims, splits, seed=s,
-                           device=torch.device(spec.zoo.device), split="test",
-                           precision=spec.zoo.precision) for s in seeds]
+        for vs in sets:
+            for seed in range(spec.seed, spec.seed + spec.final_seeds):
+                per_attack = run_config(spec.defense, params, vs.victims, splits, seed=seed,
+                                        device=torch.device(spec.zoo.device), split="test",
+                                        precision=spec.zoo.precision, sequela=vs.mia)
+                runs.append({"victim_seed": vs.seed, "defense_seed": seed,
+                             "per_attack": per_attack})
+    return runs
+
+
+def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits) -> dict[str, Any]:
+    """final.json's reference part: the undefended victims (test, per victim seed; val), the
+    split sizes, and with ``--sequela`` the re-tuning attack's anchors (the clean model and
+    the undefended victim, first victim seed)."""
+    first = sets[0].victims
+    out: dict[str, Any] = {
+        "no_defense": {
+            "runs": [{"victim_seed": vs.seed,
+                      "per_attack": {v.attack: {**v.metrics["test"].as_dict(),
+                                                **({"mia": vs.mia[v.attack]} if vs.mia else {})}
+                                     for v in vs.victims}} for vs in sets],
+            "val": {v.attack: v.metrics["val"].as_dict() for v in first}},
+        "sizes": {"test_clean": len(splits.test), "val_clean": len(splits.val),
+                  "test_triggered": {v.attack: len(v.bd_test) for v in first},
+                  "val_triggered": {v.attack: len(v.bd_val) for v in first}},
+        "poison_rates": {v.attack: v.poison_rate for v in first},
+        "anchors": None,
+    }
+    if spec.sequela:
+        device = torch.device(spec.zoo.device)
+        (clean,) = get_victims(dataclasses.replace(spec.victims, attacks=("none",)),
+                               splits=splits)
+        with _torch_threads(final_threads(os.cpu_count())):
+            out["anchors"] = anchors(first, clean.model(device), splits, seed=spec.seed,
+                                     device=device, precision=spec.zoo.precision)
+    return out
 
 
 def max_epochs_of_space(spec: ExperimentSpec, space: Space) -> int:
@@ -204,25 +265,32 @@ class _RayInBackground:
 
 
 def _final(spec: ExperimentSpec, best: TrialRecord | None, default: dict[str, Any],
-           default_runs: list[dict[str, Any]], victims: list[Victim], splits: Splits,
-           val_default: float | None) -> dict[str, Any]:
-    """final.json: the default's runs (measured before the search), the best's, no defense."""
+           default_runs: list[dict[str, Any]], sets: list[VictimSet], splits: Splits,
+           refs: dict[str, Any], val_default: float | None) -> dict[str, Any]:
+    """final.json: the default's runs (measured before the search), the best's, the
+    references (no defense, sizes, anchors)."""
     out: dict[str, Any] = {
+        "format": FINAL_FORMAT,
         "default": {"params": searched_params(spec, default), "val_score": val_default,
-                    "seeds": default_runs},
-        "no_defense": {"per_attack": {v.attack: v.metrics["test"].as_dict() for v in victims}},
-        "poison_rates": {v.attack: v.poison_rate for v in victims},
-        "best": None,
+                    "runs": default_runs},
+        "best": None, **refs,
     }
     if best is not None:
         same = best.params == default
         if not same:
             print(f"final evaluation of the best configuration (trial {best.number}) on test: "
-                  f"{spec.final_seeds} seed(s) x {len(victims)} victims", flush=True)
-        runs = default_runs if same else final_evaluation(spec, best.params, victims, splits)
+                  f"{_runs_text(spec, sets)}", flush=True)
+        runs = default_runs if same else final_evaluation(spec, best.params, sets, splits)
         out["best"] = {"params": searched_params(spec, best.params), "val_score": best.score,
-                       "trial": best.number, "seeds": runs}
+                       "trial": best.number, "runs": runs}
     return out
+
+
+def _runs_text(spec: ExperimentSpec, sets: list[VictimSet]) -> str:
+    seeds = f"{spec.final_seeds} seed(s)" + (f" x {len(sets)} victim seeds" if len(sets) > 1
+                                             else "")
+    return f"{seeds} x {len(sets[0].victims)} victims" + (", with sequela" if spec.sequela
+                                                            else "")
 
 
 def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]] | None = None
@@ -249,11 +317,12 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
         default = dict(space.default)
-        everyone = [*victims, *holdout]
-        print(f"final evaluation of the paper default on test (while Ray starts): "
-              f"{spec.final_seeds} seed(s) x {len(everyone)} victims", flush=True)
         t2 = time.perf_counter()
-        default_runs = final_evaluation(spec, default, everyone, splits)
+        sets = victim_sets(spec, [*victims, *holdout], splits)
+        print(f"final evaluation of the paper default on test (while Ray starts): "
+              f"{_runs_text(spec, sets)}", flush=True)
+        default_runs = final_evaluation(spec, default, sets, splits)
+        refs = references(spec, sets, splits)
         final_s = time.perf_counter() - t2
 
         trainable = ray_bg.ready()
@@ -277,7 +346,7 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
             print("no trial finished without error or divergence: only the default is evaluated",
                   file=sys.stderr)
         t2 = time.perf_counter()
-        final = _final(spec, best, default, default_runs, everyone, splits, val_default)
+        final = _final(spec, best, default, default_runs, sets, splits, refs, val_default)
         final_s += time.perf_counter() - t2
     write_json(run / "final.json", final)
     write_json(run / "timing.json", timing(

@@ -90,8 +90,22 @@ class ExperimentSpec:
     space: Path | None = field(default=None, metadata=_opt(
         "search-space YAML file", default_text="search_spaces/<defense>.yaml", group="search"))
     final_seeds: int = field(default=3, metadata=_opt(
-        "seeds of the final test evaluation of the best and default configurations: "
-        "seed..seed+N-1", smoke=1, group="search"))
+        "defense seeds of the final test evaluation of the best and default configurations: "
+        "seed..seed+N-1", smoke=1, group="final evaluation and report"))
+    victim_seeds: int = field(default=1, metadata=_opt(
+        "victims trained with seeds seed..seed+K-1 for the final test evaluation (each built "
+        "once and stored; the search uses the first): the spread then includes the victims'",
+        group="final evaluation and report"))
+    sequela: bool = field(default=True, metadata=_opt(
+        "measure in the final evaluation whether the purification holds: ASR after a "
+        "re-tuning attack and membership-inference exposure (zoo/sequela.py); needs the clean "
+        "model (the 'none' victim)", smoke=False, group="final evaluation and report"))
+    verdict_asr: float = field(default=10.0, metadata=_opt(
+        "the report calls a backdoor removed when its mean test ASR is below this (percent)",
+        group="final evaluation and report", resource=True))
+    verdict_acc_drop: float = field(default=3.0, metadata=_opt(
+        "... and the mean clean test ACC lost against the undefended victim is at most this "
+        "(percentage points)", group="final evaluation and report", resource=True))
     gpus_per_trial: float | None = field(default=None, metadata=_opt(
         "GPU share per trial; 0.25 packs four trials per GPU, whole numbers for several GPUs",
         default_text="0.25 with a local GPU, else 0: CPU trials", group="resources and cluster",
@@ -138,6 +152,12 @@ class ExperimentSpec:
     def _check_values(self) -> None:
         _check_int("--num-samples", self.num_samples, low=1)
         _check_int("--final-seeds", self.final_seeds, low=1)
+        _check_int("--victim-seeds", self.victim_seeds, low=1)
+        for flag, value, high in (("--verdict-asr", self.verdict_asr, 100.0),
+                                  ("--verdict-acc-drop", self.verdict_acc_drop, 100.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value <= high:
+                raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
         for flag, value in (("--max-concurrent", self.max_concurrent),
                             ("--max-epochs", self.max_epochs),
                             ("--val-subsample", self.val_subsample)):

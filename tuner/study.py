@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -145,16 +146,21 @@ def study_from_records(records: Sequence[TrialRecord], space: Mapping[str, BaseD
         optuna.logging.set_verbosity(quiet)
 
 
-def param_importances(study: optuna.Study, seed: int = 0) -> tuple[dict[str, float], str]:
-    """fANOVA importances of the params for the first objective, over the COMPLETE trials
-    (what ``optuna.importance.get_param_importances`` uses); ``(importances, why missing)``."""
+def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
+    """Importances of the params for the first objective, as optuna-dashboard computes them on
+    the same study: ``optuna.importance.get_param_importances`` with PED-ANOVA (Watanabe et
+    al. 2023) over the COMPLETE trials, the target negated when maximized (PED-ANOVA ranks low
+    values as good); ``(importances, why missing)``."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if len(complete) < 2:
         return {}, "not computed: needs at least 2 trials that ran all their epochs"
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
-        imps = optuna.importance.get_param_importances(
-            study, evaluator=evaluator, target=lambda t: t.values[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PED-ANOVA is experimental; the target is negated
+            imps = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.PedAnovaImportanceEvaluator(),
+                target=lambda t: sign * t.values[0])
     except (ValueError, RuntimeError, ZeroDivisionError) as exc:
         return {}, f"not computed: {exc}"
     clean = {k: float(v) for k, v in imps.items() if math.isfinite(v)}

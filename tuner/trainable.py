@@ -60,7 +60,7 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     for item in (epochs_fn or trial_epochs)(
             spec.defense, params, victims, splits, seed=spec.seed, device=device,
             max_epochs=spec.max_epochs, val_subsample=spec.val_subsample,
-            precision=spec.zoo.precision):
+            precision=spec.zoo.precision, retune=spec.objective == "robust"):
         tune.report({**epoch_report(item, spec.objective, planned), **extra})
 
 

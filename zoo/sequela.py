@@ -259,10 +259,12 @@ def retuning_attack(
     device: torch.device | str,
     cfg: RetuneConfig | None = None,
     triggered: Split | None = None,
+    clean: Split | None = None,
     precision: Precision = "auto",
 ) -> Metrics:
     """Re-tune a copy of ``model`` on clean training images with ``cfg.poison_count`` of
-    ``attack``'s poisoned ones mixed in; return its ACC / ASR / RA on the test split.
+    ``attack``'s poisoned ones mixed in; return its ACC / ASR / RA on the test split (or on
+    ``clean`` and ``triggered`` where given: a search measures on val).
 
     ``model`` is never modified (a deep copy is trained). ``attack`` may be any trigger of the
     zoo, also one the model never saw (RA on the clean ``none`` model uses the victim's attack).
@@ -287,9 +289,9 @@ def retuning_attack(
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     _retune(tuned, data.to(dev), is_poison, splits.info, cfg, generator=gen, device=dev,
             precision=precision)
-    bd = triggered if triggered is not None else attack.triggered(splits.test)
-    return evaluate(tuned, splits.test, bd, attack.target, splits.info, device=dev,
-                    precision=precision)
+    clean = splits.test if clean is None else clean
+    bd = triggered if triggered is not None else attack.triggered(clean)
+    return evaluate(tuned, clean, bd, attack.target, splits.info, device=dev, precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ class ZooSpec:
         default_text="per dataset: " + ", ".join(f"{k} {v:g}" for k, v in CLEAN_RATIOS.items())))
     seed: int = field(default=0, metadata=_opt(
         f"seed of the data split, the triggers and the victims' training, 0..{MAX_SEED}"))
+    # The victims' own seed (trigger, poisoned indices, training) where it differs from the
+    # split's: the final evaluation's --victim-seeds. It enters the key through the attack's
+    # params (their "seed"), so stored victims of the default (None) keep their keys.
+    victim_seed: int | None = field(default=None, metadata={"cli": False})
     zoo_dir: Path | None = field(default=None, metadata=_opt(
         "victim store", default_text="$XDG_CACHE_HOME/backdoor-ft-tuner/zoo"))
     blend_image: Path | None = field(default=None, metadata=_opt(
@@ -123,6 +127,11 @@ class ZooSpec:
             set_(self, "device", str(pick_device(self.device)))
         except (ValueError, RuntimeError) as exc:
             raise DataError(f"--device {self.device!r}: {exc}") from None
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of the victims' triggers, poisoned indices and training."""
+        return self.seed if self.victim_seed is None else self.victim_seed
 
     def load_splits(self) -> Splits:
         """The dataset split by :func:`zoo.data.load_splits` with this spec's seed and ratio."""
@@ -197,7 +206,7 @@ def prepare_attacks(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
         extra = spec.attack_params_for(name)
         if name == "blended" and spec.blend_image is not None:
             extra["image"] = spec.blend_image
-        attack = make_attack(name, splits.info, seed=spec.seed, **extra)
+        attack = make_attack(name, splits.info, seed=spec.training_seed, **extra)
         if attack.needs_clean_model:  # the clean model's key enters this victim's key
             attack.clean_model = _clean_key(spec, splits.info)
         try:
@@ -233,7 +242,7 @@ def _open_store(spec: ZooSpec) -> Store:
 
 def _clean_key(spec: ZooSpec, info: DatasetInfo) -> str:
     """Store key of the clean (``none``) victim of ``spec``: what model-dependent triggers come from."""
-    return Store.key(victim_description(spec, make_attack("none", info, seed=spec.seed)))
+    return Store.key(victim_description(spec, make_attack("none", info, seed=spec.training_seed)))
 
 
 def _prepare(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, progress: bool) -> float:
@@ -258,7 +267,8 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     rate = spec.rate_for(attack.name)
     precision = spec.victim_precision(device)
     state, train_s = train_victim(attack, splits, spec.arch, poison_rate=rate, recipe=recipe,
-                                  seed=spec.seed, device=device, progress=progress, precision=precision)
+                                  seed=spec.training_seed, device=device, progress=progress,
+                                  precision=precision)
     model = build_model(spec.arch, splits.info)
     model.load_state_dict(state)
     model = prepare_model(model, device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tuner._io import write_bytes, write_text
 from tuner.report import plots, tables
@@ -24,9 +25,10 @@ OUTPUTS = ("summary.json", "best_config.json", "trials.csv", "objective.png", "p
            "importance.png", "report.md")
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Collect and render everything into ``run_dir``; returns the path of ``report.md``."""
-    data = collect(run_dir)
+def write_report(run_dir: str | Path, **overrides: Any) -> Path:
+    """Collect and render everything into ``run_dir``; returns the path of ``report.md``.
+    ``overrides``: report settings replacing the run's own (see :func:`collect`)."""
+    data = collect(run_dir, **overrides)
     root = Path(run_dir)
     write_text(root / "summary.json", json.dumps(tables.summary(data), indent=2) + "\n")
     write_text(root / "best_config.json", json.dumps(tables.best_config(data), indent=2) + "\n")

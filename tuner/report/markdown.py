@@ -29,6 +29,12 @@ def text(value: Any, limit: int = 200) -> str:
     return s.translate(_SPECIAL)
 
 
+def code(value: Any, limit: int = 200) -> str:
+    """``value`` as the inside of a Markdown code span: one line, no backticks."""
+    s = " ".join(str(value).split()).replace("`", "'")
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "n/a"
@@ -62,6 +68,39 @@ def _rates(d: ReportData) -> str:
     return f"{common:g}" + (f" ({other})" if other else "")
 
 
+def _pm_ci(mean: float | None, sd: float | None, ci: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    out = f"{mean:.2f} ± {sd or 0.0:.2f}"
+    return out + (f" (95% CI ± {ci:.2f})" if ci is not None else "")
+
+
+def _md_verdict(d: ReportData) -> list[str]:
+    v = d.verdict
+    if v is None:
+        return ["## Verdict", "", "No final evaluation on test: no verdict.", ""]
+    out = ["## Verdict", "", f"**{text(v.headline)}.**", ""]
+    if v.gain is not None:
+        ci = f" (95% CI ± {v.gain_ci:.2f})" if v.gain_ci is not None else " (one run: no interval)"
+        out.append(f"The best configuration scores {v.gain:+.2f} points over the paper default "
+                   f"on test{ci}, paired over the same {d.best.runs if d.best else 0} run(s).")
+    out += [f"Removed means mean test ASR below {v.asr_threshold:g}% with at most "
+            f"{v.acc_budget:g} points of clean ACC lost against the undefended victim "
+            "(`--verdict-asr`, `--verdict-acc-drop`); reduced, at most half the undefended ASR.",
+            ""]
+    rows = [[text(r.attack) + (" (held out)" if r.attack in d.holdout else ""), r.status,
+             f"{r.asr_before:.1f} -> {r.asr_after:.1f}", f"{r.acc_drop:+.1f}",
+             "n/a" if r.ra_asr is None else f"{r.ra_asr:.1f}"] for r in v.attacks]
+    return out + table(["attack", "backdoor", "ASR no defense -> best", "ACC lost",
+                        "ASR after re-tuning"], rows) + [""]
+
+
+def _md_warnings(d: ReportData) -> list[str]:
+    if not d.warnings:
+        return []
+    return ["## Warnings", "", *[f"- {text(w, 400)}" for w in d.warnings], ""]
+
+
 def _md_search(d: ReportData) -> list[str]:
     s, p = d.spec, d.provenance
     sampler = p.get("sampler") or {}
@@ -77,7 +116,9 @@ def _md_search(d: ReportData) -> list[str]:
         ["max epochs per trial", str(s.max_epochs or "the defense's own")],
         ["trials", str(len(d.trials))], ["failed trials", str(d.failed)],
         ["diverged trials", str(sum(t.diverged for t in d.trials))],
-        ["final seeds", str(d.best.seeds if d.best else "n/a")],
+        ["final runs", f"{d.best.runs} ({d.spec.victim_seeds} victim seed(s) x "
+                       f"{d.spec.final_seeds} defense seed(s))" if d.best and d.best.runs
+         else "n/a"],
         ["wall time", f"{d.timing['wall_seconds']:.1f} s" if "wall_seconds" in d.timing else "n/a"],
         ["git commit", text(f"{commit}{' (uncommitted changes)' if p.get('git_dirty') else ''}")
          if commit else "n/a"],
@@ -104,7 +145,7 @@ def _md_space(d: ReportData) -> list[str]:
         return ["## Search space", "", "n/a", ""]
     rows = [[text(n), _describe(dist), fmt(d.space.default.get(n), 4)]
             for n, dist in d.space.distributions.items()]
-    out = ["## Search space", "", f"From `{text(d.space.path)}`.", ""]
+    out = ["## Search space", "", f"From `{code(d.space.path)}`.", ""]
     out += table(["param", "distribution", "default point"], rows)
     if d.space.constraints:
         out += ["", "Constraints (held by disjoint ranges): " +
@@ -125,7 +166,7 @@ def _md_best(d: ReportData) -> list[str]:
     out = [f"## Best configuration{origin}", "",
            *table(["param", "best", "paper default"], rows), ""]
     rows = [[label, fmt(r.val_score if r else None),
-             (f"{r.score:.2f} ± {r.score_std:.2f}" if r and r.score is not None else "n/a")]
+             _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
             for label, r in (("best", d.best), ("paper default", d.default))]
     return out + table(["config", "val score", "test score (mean ± std)"], rows) + [""]
 
@@ -142,10 +183,49 @@ def _md_test(d: ReportData) -> list[str]:
                " / ".join(fmt(nd.get(k), 1) for k in ("acc", "asr", "ra")) if nd else "n/a"]
         row += [_pm(r, a, k) for r in (d.default, d.best) for k in METRICS]
         rows.append(row)
-    seeds = d.best.seeds if d.best else 0
+    runs = d.best.runs if d.best else 0
+    sizes = d.sizes
+    size = ""
+    if sizes:
+        trig = sizes.get("test_triggered", {})
+        size = (f" The test split has {sizes.get('test_clean', 'n/a')} clean images and, per "
+                "attack, " + ", ".join(f"{text(a)} {n}" for a, n in trig.items()) +
+                " triggered non-target images: one image is "
+                f"{100 / max(1, sizes.get('test_clean', 1)):.2f} points of ACC.")
     return ["## Test results per attack", "",
-            f"Percent, mean ± std over {seeds} seed(s), on the test split (never used by the "
-            "search). DER 50 = no change.", "", *table(header, rows), ""]
+            f"Percent, mean ± std over {runs} run(s), on the test split (never used by the "
+            f"search). DER 50 = no change.{size}", "", *table(header, rows), ""]
+
+
+def _md_sequela(d: ReportData) -> list[str]:
+    if not d.has_sequela:
+        return []
+    out = ["## Does the purification hold?", "",
+           "**ASR after re-tuning**: the defended model fine-tuned briefly on clean images with "
+           "5 poisoned ones mixed in (Min et al., NeurIPS 2024); a backdoor that was only hidden "
+           "comes back, so lower is better, and the clean model (never backdoored) and the "
+           "undefended victim give its two ends. **Membership exposure**: the ROC AUC of a "
+           "loss-threshold membership-inference attack (Yeom et al. 2018) on the defender's "
+           "clean images against held-out ones (0.5 = none; Sha et al. call a rise backdoor "
+           "sequela), so a change near 0 is better.", ""]
+    rows = []
+    for a in (d.best.mean if d.best else {}):
+        anchor = d.anchors.get(a, {})
+        row = [text(a) + (" (held out)" if a in d.holdout else "")]
+        row += [fmt(anchor.get("clean_ra_asr"), 1), fmt(anchor.get("undefended_ra_asr"), 1)]
+        row += [_pm(r, a, "ra_asr") for r in (d.default, d.best)]
+        row += [_pm3(r, a, "mia_change") for r in (d.default, d.best)]
+        rows.append(row)
+    return out + table(["attack", "re-tuned clean model ASR", "re-tuned victim ASR",
+                        "default: ASR after re-tuning", "best: ASR after re-tuning",
+                        "default: membership AUC change", "best: membership AUC change"],
+                       rows) + [""]
+
+
+def _pm3(r: Result | None, attack: str, k: str) -> str:
+    if r is None or attack not in r.mean or k not in r.mean[attack]:
+        return "n/a"
+    return f"{r.mean[attack][k]:+.3f} ± {r.std[attack][k]:.3f}"
 
 
 def _md_trials(d: ReportData) -> list[str]:
@@ -171,16 +251,17 @@ def _md_importance(d: ReportData) -> list[str]:
         return ["## Parameter importances", "", text(d.importance_note or "not computed"), ""]
     rows = [[text(k), f"{v:.3f}"] for k, v in d.importances.items()]
     return ["## Parameter importances", "",
-            "fANOVA (Optuna, seed 0) over the trials that ran all their epochs, on the same "
-            "study as `study.db`.", "", *table(["param", "importance"], rows), ""]
+            "PED-ANOVA, as optuna-dashboard computes them on `study.db` (Optuna's "
+            "`get_param_importances`), over the trials that ran all their epochs.", "",
+            *table(["param", "importance"], rows), ""]
 
 
 def render_markdown(data: ReportData) -> str:
     s = data.spec
     lines = [f"# Best-config report: {text(s.defense)} on {text(s.zoo.dataset)} "
              f"({text(s.zoo.arch)})", ""]
-    for part in (_md_search, _md_objective, _md_space, _md_best, _md_test, _md_trials,
-                 _md_importance):
+    for part in (_md_verdict, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
+                 _md_test, _md_sequela, _md_trials, _md_importance):
         lines += part(data)
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items()]
     return "\n".join(lines) + "\n"
@@ -193,21 +274,30 @@ def _means(r: Result, attacks: list[str]) -> tuple[float, float]:
 
 
 def render_console(d: ReportData) -> str:
-    """Best vs default vs no defense on test: mean ACC, mean ASR, score (search attacks)."""
-    head = f"  {'on test, ' + str(len(d.attacks)) + ' attacks':<24}{'ACC':>8}{'ASR':>8}" \
-           f"{d.objective + ' score':>14}"
-    lines = [head]
+    """The verdict, then best vs default vs no defense on test: mean ACC, mean ASR, score."""
+    lines = []
+    if d.verdict is not None:
+        lines.append(f"  verdict: {d.verdict.headline}")
+        lines += [f"    {r.attack:<12} {r.status:<20} ASR {r.asr_before:5.1f} -> "
+                  f"{r.asr_after:5.1f}, ACC lost {r.acc_drop:+.1f}" for r in d.verdict.attacks]
+        if d.verdict.gain is not None:
+            ci = f" ± {d.verdict.gain_ci:.2f} (95% CI)" if d.verdict.gain_ci is not None else ""
+            lines.append(f"    best vs paper default: {d.verdict.gain:+.2f}{ci} points of score")
+    lines.append(f"  {'on test, ' + str(len(d.attacks)) + ' attacks':<24}{'ACC':>8}{'ASR':>8}"
+                 f"{d.objective + ' score':>14}")
     nd = {a: d.no_defense[a] for a in d.attacks if a in d.no_defense}
     if nd:
         acc, asr = O.values(nd, "pareto")
-        lines.append(f"  {'no defense':<24}{acc:8.2f}{asr:8.2f}"
-                     f"{O.score({a: {**m, 'der': 50.0} for a, m in nd.items()}, d.objective):14.2f}")
+        base = O.score({a: {**m, "der": 50.0} for a, m in nd.items()}, "mean")
+        lines.append(f"  {'no defense':<24}{acc:8.2f}{asr:8.2f}{base:14.2f}")
     for label, r in (("paper default", d.default), ("best found", d.best)):
-        if r is not None and r.seeds:
+        if r is not None and r.runs:
             acc, asr = _means(r, d.attacks)
             lines.append(f"  {label:<24}{acc:8.2f}{asr:8.2f}{r.score or 0.0:14.2f}")
     if d.best is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(d.best.params.items()))
-        lines.append(f"  best configuration: {params}")
+        origin = f" (trial {d.best.trial})" if d.best.trial is not None else ""
+        lines.append(f"  best configuration{origin}: {params}")
+    lines += [f"  warning: {w}" for w in d.warnings]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from typing import Any
 
@@ -16,9 +17,9 @@ def _result(r: Result | None) -> dict[str, Any] | None:
     if r is None:
         return None
     test = None
-    if r.seeds:
-        test = {"score": r.score, "score_std": r.score_std, "seeds": r.seeds,
-                "per_attack": r.mean, "per_attack_std": r.std}
+    if r.runs:
+        test = {"score": r.score, "score_std": r.score_std, "score_ci95": r.score_ci,
+                "runs": r.runs, "per_attack": r.mean, "per_attack_std": r.std}
     return {"params": r.params, "trial": r.trial, "val_score": r.val_score, "test": test}
 
 
@@ -32,8 +33,13 @@ def summary(d: ReportData) -> dict[str, Any]:
         "trial_states": {st: sum(t.state == st for t in d.trials)
                          for st in dict.fromkeys(t.state for t in d.trials)},
         "wall_seconds": d.timing.get("wall_seconds"), "provenance": d.provenance,
+        "verdict": None if d.verdict is None else {
+            **dataclasses.asdict(d.verdict),
+            "attacks": {r.attack: dataclasses.asdict(r) for r in d.verdict.attacks}},
+        "warnings": d.warnings,
         "best": _result(d.best), "default": _result(d.default),
-        "no_defense": {"per_attack": d.no_defense},
+        "no_defense": {"per_attack": d.no_defense, "per_attack_std": d.no_defense_std},
+        "sequela_anchors": d.anchors, "test_sizes": d.sizes,
         "importances": d.importances,
     }
 
