@@ -11,6 +11,8 @@ Benchmarks:
   in the run and again with them stored: the search's wall time against its trials' compute.
 - ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
+- ``archs``: per architecture (``--archs``, default every model), the parameter count and the
+  seconds of one FST epoch on 2,500 CIFAR-shaped images on the CPU, fp32 and default precision.
 
 ``--quick`` shrinks every workload to check the plumbing in seconds; its figures are not the
 issue's. ``--json FILE`` writes the figures and the machine's description.
@@ -29,9 +31,10 @@ from typing import Any
 import torch
 
 from bench._setup import FULL, QUICK, Sizes, make_workload
+from zoo.models import ARCHS
 from zoo.runtime import keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "archs")
 
 
 def machine() -> dict[str, Any]:
@@ -113,8 +116,8 @@ def bench_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
 def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from bench.overhead import run_overhead
 
-    kw: dict[str, Any] = dict(defense=args.defense, num_samples=args.num_samples,
-                              scheduler=args.scheduler, seed=args.seed, zoo_dir=args.zoo_dir)
+    kw: dict[str, Any] = {"defense": args.defense, "num_samples": args.num_samples,
+                          "scheduler": args.scheduler, "seed": args.seed, "zoo_dir": args.zoo_dir}
     if args.quick:
         kw.update(num_samples=min(args.num_samples, 4), attacks=("badnets",), max_epochs=1,
                   final_seeds=1, smoke_test=True)
@@ -133,8 +136,8 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> dict[str, A
     if not torch.cuda.is_available():
         print("packing needs CUDA: no GPU here, nothing measured")
         return {"bench": "packing", "skipped": "no CUDA"}
-    kw: dict[str, Any] = dict(defense=args.defense, scheduler=args.scheduler, seed=args.seed,
-                              zoo_dir=args.zoo_dir)
+    kw: dict[str, Any] = {"defense": args.defense, "scheduler": args.scheduler, "seed": args.seed,
+                          "zoo_dir": args.zoo_dir}
     if args.quick:
         kw.update(attacks=("badnets",), max_epochs=1, smoke_test=True)
     out = run_packing(num_samples=4 if args.quick else args.num_samples, **kw)
@@ -156,6 +159,20 @@ def bench_scaling(args: argparse.Namespace, device: torch.device) -> dict[str, A
                                     "ms_per_clean_image"]))
     print(table(out["attacks"], ["attacks", "epochs", "seconds", "seconds_per_attack"]))
     return {"bench": "scaling", **out}
+
+
+def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.archs import DEFAULT_ARCHS, N_CLEAN, run_archs
+
+    archs = tuple(a.strip() for a in args.archs.split(",")) if args.archs else DEFAULT_ARCHS
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise SystemExit(f"--archs {','.join(unknown)}: expected names from {', '.join(ARCHS)}")
+    n_clean = QUICK.n_clean if args.quick else N_CLEAN
+    rows = run_archs(archs, n_clean=n_clean, seed=args.seed)
+    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "load_1min",
+                       "cpu_share"]))
+    return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -184,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="trial: also run it with torch.compile (first run compiles, second "
                         "reuses the cache)")
+    p.add_argument("--archs", default=None,
+                   help="archs: comma-separated architectures to time (default: every model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
                    help="reference: seeds --seed, --seed+1, ... (default 3); times summed, "
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
-           "packing": bench_packing, "scaling": bench_scaling}[args.name]
+           "packing": bench_packing, "scaling": bench_scaling, "archs": bench_archs}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()
