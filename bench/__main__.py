@@ -169,9 +169,9 @@ def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if unknown:
         raise SystemExit(f"--archs {','.join(unknown)}: expected names from {', '.join(ARCHS)}")
     n_clean = QUICK.n_clean if args.quick else N_CLEAN
-    rows = run_archs(archs, n_clean=n_clean, seed=args.seed)
-    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "load_1min",
-                       "cpu_share"]))
+    rows = run_archs(archs, n_clean=n_clean, seed=args.seed, steps=args.steps)
+    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "steps_timed",
+                       "load_1min", "cpu_share"]))
     return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
 
 
@@ -203,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
                         "reuses the cache)")
     p.add_argument("--archs", default=None,
                    help="archs: comma-separated architectures to time (default: every model)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="archs: time this many steps of 128 and scale to the epoch (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
                    help="reference: seeds --seed, --seed+1, ... (default 3); times summed, "

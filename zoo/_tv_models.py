@@ -167,17 +167,16 @@ class ConvNeXtTiny(_TrunkClassifier, tvm.ConvNeXt):
 class ViTB16(Classifier):
     """BackdoorBench's ``Sequential(Resize((224, 224)), vit_b_16())`` with ``heads.head``
     replaced: children ``0`` (the resize) and ``1`` (the ViT), hence keys ``1.*``; head
-    ``1.heads.head``. ``image_size`` other than 224 is for tests (only the position embedding's
-    shape changes)."""
+    ``1.heads.head``."""
 
-    def __init__(self, num_classes: int, image_size: int = 224) -> None:
+    def __init__(self, num_classes: int) -> None:
         super().__init__()
-        vit = tvm.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
-                                    num_heads=12, hidden_dim=768, mlp_dim=3072)
+        vit = tvm.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=12,
+                                    hidden_dim=768, mlp_dim=3072)
         # BackdoorBench puts a fresh Linear (PyTorch's default init) in place of the ImageNet
         # head; torchvision's own init would zero it.
         vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)
-        self.add_module("0", Resize((image_size, image_size)))
+        self.add_module("0", Resize((224, 224)))
         self.add_module("1", vit)
 
     @property
