@@ -169,9 +169,10 @@ def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if unknown:
         raise SystemExit(f"--archs {','.join(unknown)}: expected names from {', '.join(ARCHS)}")
     n_clean = QUICK.n_clean if args.quick else N_CLEAN
-    rows = run_archs(archs, n_clean=n_clean, seed=args.seed, steps=args.steps)
-    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "steps_timed",
-                       "load_1min", "cpu_share"]))
+    rows = run_archs(archs, n_clean=n_clean, seed=args.seed, steps=args.steps,
+                     batch_size=args.batch_size)
+    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "batch_size",
+                       "steps_timed", "load_1min", "cpu_share"]))
     return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
 
 
@@ -204,7 +205,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--archs", default=None,
                    help="archs: comma-separated architectures to time (default: every model)")
     p.add_argument("--steps", type=int, default=0,
-                   help="archs: time this many steps of 128 and scale to the epoch (0: all)")
+                   help="archs: time this many steps and scale to the epoch (0: all)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="archs: FST's batch size (0: the paper's 128; smaller bounds memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
                    help="reference: seeds --seed, --seed+1, ... (default 3); times summed, "
