@@ -13,6 +13,8 @@ Benchmarks:
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
 - ``allocator``: page faults and time of training steps with and without
   ``zoo.runtime.keep_freed_memory``.
+- ``archs``: per architecture (``--archs``, default every model), the parameter count and the
+  seconds of one FST epoch on 2,500 CIFAR-shaped images on the CPU, fp32 and default precision.
 
 ``--quick`` shrinks every workload to check the plumbing in seconds; its figures are not the
 issue's. ``--json FILE`` writes the figures and the machine's description.
@@ -31,9 +33,10 @@ from typing import Any
 import torch
 
 from bench._setup import FULL, QUICK, Sizes, make_workload
+from zoo.models import ARCHS
 from zoo.runtime import keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs")
 
 
 def machine() -> dict[str, Any]:
@@ -115,8 +118,8 @@ def bench_reference(args: argparse.Namespace, device: torch.device) -> dict[str,
 def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from bench.overhead import run_overhead
 
-    kw: dict[str, Any] = dict(defense=args.defense, num_samples=args.num_samples,
-                              scheduler=args.scheduler, seed=args.seed, zoo_dir=args.zoo_dir)
+    kw: dict[str, Any] = {"defense": args.defense, "num_samples": args.num_samples,
+                          "scheduler": args.scheduler, "seed": args.seed, "zoo_dir": args.zoo_dir}
     if args.quick:
         kw.update(num_samples=min(args.num_samples, 4), attacks=("badnets",), max_epochs=1,
                   final_seeds=1, smoke_test=True)
@@ -135,8 +138,8 @@ def bench_packing(args: argparse.Namespace, device: torch.device) -> dict[str, A
     if not torch.cuda.is_available():
         print("packing needs CUDA: no GPU here, nothing measured")
         return {"bench": "packing", "skipped": "no CUDA"}
-    kw: dict[str, Any] = dict(defense=args.defense, scheduler=args.scheduler, seed=args.seed,
-                              zoo_dir=args.zoo_dir)
+    kw: dict[str, Any] = {"defense": args.defense, "scheduler": args.scheduler, "seed": args.seed,
+                          "zoo_dir": args.zoo_dir}
     if args.quick:
         kw.update(attacks=("badnets",), max_epochs=1, smoke_test=True)
     out = run_packing(num_samples=4 if args.quick else args.num_samples, **kw)
@@ -168,6 +171,21 @@ def bench_allocator(args: argparse.Namespace, device: torch.device) -> dict[str,
     return {"bench": "allocator", **out}
 
 
+def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.archs import DEFAULT_ARCHS, N_CLEAN, run_archs
+
+    archs = tuple(a.strip() for a in args.archs.split(",")) if args.archs else DEFAULT_ARCHS
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise SystemExit(f"--archs {','.join(unknown)}: expected names from {', '.join(ARCHS)}")
+    n_clean = QUICK.n_clean if args.quick else N_CLEAN
+    rows = run_archs(archs, n_clean=n_clean, seed=args.seed, steps=args.steps,
+                     batch_size=args.batch_size)
+    print(table(rows, ["arch", "params_M", "precision", "seconds", "images_per_s", "batch_size",
+                       "steps_timed", "load_1min", "cpu_share"]))
+    return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +212,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="trial: also run it with torch.compile (first run compiles, second "
                         "reuses the cache)")
+    p.add_argument("--archs", default=None,
+                   help="archs: comma-separated architectures to time (default: every model)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="archs: time this many steps and scale to the epoch (0: all)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="archs: FST's batch size (0: the paper's 128; smaller bounds memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3,
                    help="reference: seeds --seed, --seed+1, ... (default 3); times summed, "
@@ -209,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
            "packing": bench_packing, "scaling": bench_scaling,
-           "allocator": bench_allocator}[args.name]
+           "allocator": bench_allocator, "archs": bench_archs}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()

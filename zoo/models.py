@@ -1,5 +1,34 @@
-"""Image classifiers. Every model exposes ``features(x)`` (the head's input) and ``head``
-(the final ``nn.Linear``), because FST, LP, FE-tuning and NGF work on the head.
+"""Image classifiers with BackdoorBench's ``state_dict`` key names, so its checkpoints load as-is.
+
+Every model is a :class:`Classifier`: ``features(x)`` is the head's input, ``head`` the final
+``nn.Linear`` (FST, LP, FE-tuning and NGF re-initialize, freeze and read it in place) and
+``last_block`` the backbone's last block before the head. ``head`` is the model's own last layer
+under BackdoorBench's name (``linear``, ``fc``, ``classifier.6``, ``1.heads.head``, ...), not a
+second copy: ``forward(x) == head(features(x))`` and the keys stay BackdoorBench's.
+
+Sources. "BackdoorBench" is SCLBD/BackdoorBench's ``generate_cls_model`` in
+``utils/aggregate_block/model_trainer_generate.py``; the torchvision models are torchvision's
+classes with the arguments of the builder it calls there (``num_classes`` to the constructor).
+
+- ``cnn``: ours, below.
+- ``preactresnet18`` (BackdoorBench's name) = ``preact-resnet18`` (ours so far): He, Zhang, Ren,
+  Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016; BackdoorBench
+  ``models/preact_resnet.py``, ``PreActResNet18(num_classes)``.
+- ``resnet18``: He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016;
+  ``torchvision.models.resnet18(num_classes)``.
+- ``vgg19_bn``: Simonyan, Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+  Recognition", ICLR 2015, with batch norm; ``torchvision.models.vgg19_bn(num_classes)``.
+- ``mobilenet_v3_large``: Howard et al., "Searching for MobileNetV3", ICCV 2019;
+  ``torchvision.models.mobilenet_v3_large(num_classes)``.
+- ``efficientnet_b3``: Tan, Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
+  Networks", ICML 2019; ``torchvision.models.efficientnet_b3(num_classes)``.
+- ``convnext_tiny``: Liu et al., "A ConvNet for the 2020s", CVPR 2022;
+  ``torchvision.models.convnext_tiny(num_classes)``, ImageNet weights partially loaded.
+- ``vit_b_16``: Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image
+  Recognition at Scale", ICLR 2021; ``Sequential(Resize((224, 224)), vit_b_16(pretrained))``
+  with ``heads.head`` replaced by a fresh ``Linear(768, K)``: hence the ``1.`` key prefix.
+
+The models:
 
 - ``cnn``: a small VGG-style network, the CPU default (about 0.14 M parameters at width 32):
   conv-conv-pool, conv-conv-pool, conv, global average pool. Images larger than 16 x 16 (MNIST,
@@ -8,26 +37,45 @@
   fast CPU model there too. The first convolution still sees every pixel (a 3 x 3 patch trigger).
   Where a max-pool follows a block, its ReLU runs after the pool: the same function and
   gradients (ReLU is monotonic) on a quarter of the elements.
-- ``preact-resnet18``: PreAct-ResNet18 as in BackdoorBench's ``models/preact_resnet.py``
-  (He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016): 3x3 stride-1 stem
-  with 64 channels, no max-pool, 2-2-2-2 pre-activation blocks of 64/128/256/512 channels,
-  1x1 projection shortcuts, adaptive average pool, ``Linear(512, K)``; no final BN/ReLU.
+- PreAct-ResNet18: 3x3 stride-1 stem with 64 channels, no max-pool, 2-2-2-2 pre-activation
+  blocks of 64/128/256/512 channels, 1x1 projection shortcuts, adaptive average pool,
+  ``linear = Linear(512, K)``; no final BN/ReLU. Its stem takes ``info.channels`` (BackdoorBench
+  hard-codes 3: the same keys and shapes on RGB data).
+- The torchvision models (built in :mod:`zoo._tv_models`, which alone imports torchvision, and
+  only when one of them is asked for): the input is resized only for ViT, as BackdoorBench does.
+  Differences from BackdoorBench: (1) every weight starts random, where BackdoorBench starts
+  ``vit_b_16`` and ``convnext_tiny`` from ImageNet weights (loading one of its checkpoints
+  replaces them anyway); (2) RGB only: BackdoorBench builds them with a 3-channel stem and has no
+  1-channel variant, so a 1-channel dataset (digits, mnist) is refused with a one-line error
+  rather than given a stem no BackdoorBench checkpoint has; (3) ``vgg19_bn`` and
+  ``convnext_tiny`` need images of at least 32 x 32 (five stride-2 stages; torchvision's own
+  ``min_size``), which :func:`check_arch` also enforces.
+
+``last_block``: the last convolutional, residual or transformer block before the global pooling
+(``cnn``: its last conv block; ResNets: ``layer4[-1]``; EfficientNet: its final 1x1 conv block
+``features[-1]``; ConvNeXt: the last CNBlock, before the final LayerNorm2d; ViT: the last
+encoder block, before ``encoder.ln``) or, where hidden fully connected layers sit between the
+pooling and the head, the last of them (VGG: fc7, ``classifier[3:6]``; MobileNetV3:
+``classifier[0:3]``), the block that feeds the head.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from zoo.data import DatasetInfo
+from zoo.data import DataError, DatasetInfo
 
-__all__ = ["ARCHS", "Classifier", "build_model"]
+__all__ = ["ARCHS", "Classifier", "build_model", "canonical_arch", "check_arch"]
 
 
 class Classifier(nn.Module):
     """Base: ``forward(x) = head(features(x))``; ``last_block`` is the backbone's last block
-    (the block right before the head's pooling), for defenses that tune it with the head."""
+    before the head (see the module docstring, per arch), for defenses that tune it with the
+    head. Subclasses whose head has another key name expose it as a ``head`` property."""
 
     head: nn.Linear
 
@@ -86,6 +134,8 @@ class SmallCNN(Classifier):
 
 
 class PreActBlock(nn.Module):
+    """BackdoorBench's ``PreActBlock``: the same submodule names, hence the same keys."""
+
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(cin)
@@ -105,6 +155,8 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(Classifier):
+    """BackdoorBench's ``PreActResNet18``: keys ``conv1``, ``layer1``..``layer4``, ``linear``."""
+
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
@@ -114,7 +166,11 @@ class PreActResNet18(Classifier):
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(512, num_classes)
+
+    @property  # the head under BackdoorBench's key name ``linear``
+    def head(self) -> nn.Linear:  # type: ignore[override]
+        return self.linear
 
     @property
     def last_block(self) -> nn.Module:
@@ -126,11 +182,52 @@ class PreActResNet18(Classifier):
         return torch.flatten(self.avgpool(out), 1)
 
 
-_BUILDERS = {
+# =============================================================================================
+# Registry
+# =============================================================================================
+
+_OWN = {
     "cnn": lambda info: SmallCNN(info.channels, info.num_classes, size=info.size),
     "preact-resnet18": lambda info: PreActResNet18(info.channels, info.num_classes),
 }
-ARCHS = tuple(_BUILDERS)
+# Other names of the same model (same class, same keys): BackdoorBench's spelling.
+ALIASES = {"preactresnet18": "preact-resnet18"}
+# Built from torchvision in zoo._tv_models: the smallest image side each accepts.
+TORCHVISION_MIN_SIZE = {
+    "resnet18": 1,
+    "vgg19_bn": 32,  # five 2x2 max-pools
+    "mobilenet_v3_large": 1,
+    "efficientnet_b3": 1,
+    "convnext_tiny": 32,  # a stride-4 stem and three stride-2 downsamplings
+    "vit_b_16": 1,  # any size: resized to 224 x 224 first
+}
+ARCHS = (*_OWN, *ALIASES, *TORCHVISION_MIN_SIZE)
+
+
+def canonical_arch(arch: str) -> str:
+    """``arch`` with aliases resolved: ``preactresnet18`` -> ``preact-resnet18``."""
+    return ALIASES.get(arch, arch)
+
+
+def check_arch(arch: str, info: DatasetInfo) -> None:
+    """Raise :class:`DataError` (a ``ValueError``; one line) unless ``arch`` is known and takes
+    ``info``'s images (a user error: the CLI prints it as one line)."""
+    if arch not in ARCHS:
+        raise DataError(f"unknown model {arch!r}: expected one of {', '.join(ARCHS)}")
+    min_size = TORCHVISION_MIN_SIZE.get(arch)
+    if min_size is None:
+        return
+    if info.channels != 3:
+        raise DataError(
+            f"arch {arch!r} takes RGB images (BackdoorBench builds it with a 3-channel stem): "
+            f"dataset {info.name!r} has {info.channels} channel(s); expected an RGB dataset, "
+            f"or --arch {', '.join((*_OWN, *ALIASES))}"
+        )
+    if info.size < min_size:
+        raise DataError(
+            f"arch {arch!r} needs images of at least {min_size} x {min_size}: dataset "
+            f"{info.name!r} has {info.size} x {info.size}; expected larger images or another arch"
+        )
 
 
 def build_model(arch: str, info: DatasetInfo) -> Classifier:
@@ -139,7 +236,18 @@ def build_model(arch: str, info: DatasetInfo) -> Classifier:
     >>> from zoo.data import dataset_info
     >>> build_model("cnn", dataset_info("digits")).head.out_features
     10
+    >>> sorted(build_model("preactresnet18", dataset_info("cifar10")).state_dict())[-2:]
+    ['linear.bias', 'linear.weight']
     """
-    if arch not in _BUILDERS:
-        raise ValueError(f"unknown model {arch!r}: expected one of {', '.join(ARCHS)}")
-    return _BUILDERS[arch](info)
+    check_arch(arch, info)
+    arch = canonical_arch(arch)
+    if arch in _OWN:
+        return _OWN[arch](info)
+    if importlib.util.find_spec("torchvision") is None:
+        raise DataError(f"arch {arch!r} needs torchvision (not installed): expected "
+                         f"`pip install torchvision`, or --arch {', '.join((*_OWN, *ALIASES))}")
+    # Deferred: torchvision (seconds to import) loads only when one of its models is asked for,
+    # so ``import zoo`` and every Ray worker stay free of it (docs/CONTRACTS.md).
+    from zoo import _tv_models
+
+    return _tv_models.build(arch, info.num_classes)
