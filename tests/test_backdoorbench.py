@@ -220,4 +220,4 @@ def test_import_then_smoke_search_on_the_record(tmp_path: Path) -> None:
     final = json.loads((run / "final.json").read_text())
     assert set(final["no_defense"]["per_attack"]) == {"bb:badnet_demo"}
     assert final["best"]["seeds"][0]["bb:badnet_demo"]["after"]["acc"] >= 0.0
-    assert "bb:badnet_demo" in (run / "report.md").read_text()
+    assert "bb:badnet\\_demo" in (run / "report.md").read_text()  # Markdown-escaped

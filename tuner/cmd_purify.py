@@ -45,6 +45,7 @@ import dataclasses
 import datetime as _dt
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -360,6 +361,8 @@ def check_inputs(cmd: PurifyCommand) -> Inputs:
     for path in (cmd.out, *cmd.card_paths):
         if path.is_symlink():
             raise UsageError(f"{path}: is a symbolic link: refusing to write through it")
+        if path.exists() and not path.is_file():
+            raise UsageError(f"{path}: exists and is not a file: expected a file name to write")
     check_writable(cmd.out.parent)
     info, finetune, heldout, data, classes = _data(cmd)
     info = _normalization(cmd, info)
@@ -436,8 +439,18 @@ def _line(m: dict[str, float]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The purify command as the user gave it (flags in their dataclass order)."""
+    parts = ["python", "-m", "tuner", "purify"]
+    for f in dataclasses.fields(PurifyCommand):
+        if f.name in flags.given(args, PurifyCommand):
+            value = getattr(args, f.name)
+            parts += [flags.flag_name(f)] if value is True else [flags.flag_name(f), str(value)]
+    return shlex.join(parts)
+
+
 def card(cmd: PurifyCommand, defense: str, cfg: Any, source: dict[str, Any], inputs: Inputs,
-         result: dict[str, Any], out_sha: str, wall: float) -> dict[str, Any]:
+         result: dict[str, Any], out_sha: str, wall: float, command: str) -> dict[str, Any]:
     """``OUT.json``: everything needed to know what was done and to do it again."""
     prov = provenance({})
     triggered = None
@@ -460,7 +473,7 @@ def card(cmd: PurifyCommand, defense: str, cfg: Any, source: dict[str, Any], inp
         "wall_seconds": wall, "defense_seconds": result["defense_seconds"],
         "versions": prov["versions"], "git_commit": prov["git_commit"],
         "git_dirty": prov["git_dirty"], "machine": prov["machine"],
-        "command": "python -m tuner purify " + " ".join(sys.argv[2:]),
+        "command": command,
     }
 
 
@@ -525,9 +538,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"{defense} left non-finite weights: nothing written")
     data = save_safetensors(state, metadata={"arch": cmd.arch, "defense": defense,
                                              "source_sha256": inputs.weights["sha256"]})
+    cmd.out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(cmd.out, data)
     info = card(cmd, defense, cfg, source, inputs, result, sha256(data),
-                time.perf_counter() - t0)
+                time.perf_counter() - t0, command_line(args))
     json_path, md_path = cmd.card_paths
     write_text(json_path, json.dumps(info, indent=2) + "\n")
     write_text(md_path, card_markdown(info))
