@@ -114,7 +114,9 @@ def test_import_renames_by_position_and_get_victims_loads_it(tmp_path: Path) -> 
     store = Store(tmp_path / "zoo")
     record = write_record(tmp_path, n=40)
     label, entry, _ = import_record(record, store, "demo")
-    assert label == "bb:demo" and entry.meta["origin"]["renamed_by_position"]
+    ours = build_model("preact-resnet18", load_splits("digits").info).state_dict()
+    renamed = set(ours) != set(bb_state_dict(load_splits("digits").info))
+    assert label == "bb:demo" and entry.meta["origin"]["renamed_by_position"] == renamed
     spec = ZooSpec("digits", attacks=("bb:demo",), zoo_dir=tmp_path / "zoo", device="cpu")
     (v,) = get_victims(spec, progress=False)
     assert (v.attack, v.arch, v.source, v.target, v.built) == (

@@ -6,6 +6,14 @@ model, which does not depend on it), the training recipe, and the store's format
 Each entry holds two tensor groups, ``model`` (the state_dict) and ``attack`` (the trigger's
 state), and its no-defense metrics on val and test in ``meta``.
 
+Victims trained elsewhere come in through the same ``--attacks`` list: ``bb:NAME`` (a
+BackdoorBench record imported into the store, :mod:`zoo.backdoorbench`) and the names of a
+``--victims`` manifest (:mod:`zoo.manifest`). They are stored under the hash of their weights,
+triggered images and description (:mod:`zoo.external`); a :class:`Victim` made from one carries
+its own input normalization in ``info`` and its triggered val and test sets (the given set cut
+in seeded halves, the given halves, or a built-in trigger applied to val and test); its
+no-defense metrics are measured once per dataset and split seed and kept in the store.
+
 >>> from zoo.victims import ZooSpec, get_victims
 >>> victims = get_victims(ZooSpec("digits"), ["badnets"])   # doctest: +SKIP
 >>> victims[0].metrics["test"].asr                          # doctest: +SKIP
@@ -244,7 +252,7 @@ def prepare_attacks(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
 
 
 def _prepare_all(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
-             ) -> tuple[dict[str, Attack], dict[str, dict[str, Any] | ManifestVictim]]:
+                 ) -> tuple[dict[str, Attack], dict[str, dict[str, Any] | ManifestVictim]]:
     """(built-in attacks, external victims' sources by name): see :func:`prepare_attacks`."""
     attacks = spec.attacks if attacks is None else tuple(attacks)
     check_victim_names(attacks, "attacks", manifest=spec.manifest is not None)
