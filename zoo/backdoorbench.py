@@ -92,8 +92,8 @@ BB_DATASETS: dict[str, tuple[str, tuple[tuple[float, ...], tuple[float, ...]]]] 
     "tiny": ("imagefolder", ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262))),
     "imagenet": ("imagefolder", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
 }
-# BackdoorBench's model names that this zoo spells differently (used when the name itself is
-# not a registered arch).
+# BackdoorBench's model names that this zoo spells differently (its spelling is used where it
+# is registered, so a victim's arch is the same whether or not BackdoorBench's is an alias).
 BB_ARCHS = {"preactresnet18": "preact-resnet18"}
 
 
@@ -190,13 +190,13 @@ def _ints(value: Any, path: Path, what: str) -> np.ndarray:
 def _arch(model_name: Any, path: Path) -> str:
     if not isinstance(model_name, str):
         raise _refuse(path, f"model_name is {type(model_name).__name__}: expected a str")
+    arch = BB_ARCHS.get(model_name, model_name)  # this zoo's spelling first
+    if arch in ARCHS:
+        return arch
     if model_name in ARCHS:
         return model_name
-    arch = BB_ARCHS.get(model_name)
-    if arch is None or arch not in ARCHS:
-        raise RecordError(f"BackdoorBench record {path}: model {model_name!r} is not a "
-                          f"registered arch: expected one of {', '.join(ARCHS)}")
-    return arch
+    raise RecordError(f"BackdoorBench record {path}: model {model_name!r} is not a "
+                      f"registered arch: expected one of {', '.join(ARCHS)}")
 
 
 def _dataset(clean_data: Any, path: Path) -> tuple[str, tuple[tuple[float, ...], ...]]:
