@@ -156,7 +156,8 @@ def safe_globals() -> list[Any]:
     return allowed
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path) -> tuple[dict[str, Any], str]:
+    """(the record's dict, the file's sha256)."""
     data = read_regular(path, what="BackdoorBench record", max_bytes=MAX_FILE_BYTES)
     try:
         with torch.serialization.safe_globals(safe_globals()):
@@ -170,7 +171,7 @@ def _load(path: Path) -> dict[str, Any]:
     if missing:
         raise _refuse(path, f"lacks {', '.join(missing)}: expected the keys of "
                             "save_attack_result")
-    return obj
+    return obj, sha256(data)
 
 
 def _int(value: Any, path: Path, what: str) -> int:
@@ -310,7 +311,7 @@ def read_record(record_dir: Path) -> Record:
                           f"folder holding {RECORD_FILE} and bd_test_dataset/")
     if not path.is_file():
         raise RecordError(f"BackdoorBench record {record_dir}: no {RECORD_FILE}")
-    obj = _load(path)
+    obj, digest = _load(path)
     arch = _arch(obj["model_name"], path)
     dataset, (mean, std) = _dataset(obj["clean_data"], path)
     num_classes = _int(obj["num_classes"], path, "num_classes")
@@ -333,7 +334,7 @@ def read_record(record_dir: Path) -> Record:
     return Record(path=record_dir, model_name=str(obj["model_name"]), arch=arch,
                   clean_data=str(obj["clean_data"]), dataset=dataset, num_classes=num_classes,
                   img_size=img_size, mean=tuple(mean), std=tuple(std), target=target,
-                  sha256=sha256(read_regular(path, what="BackdoorBench record")), folder=folder,
+                  sha256=digest, folder=folder,
                   skipped=skipped, state=strip_module_prefix(dict(model)), triggered=triggered)
 
 
