@@ -129,6 +129,19 @@ def test_from_run_takes_the_runs_best_configuration(tmp_path: Path, capsys: Any)
     assert "best configuration of run `ft-demo` (trial 3" in (tmp_path / "p.md").read_text()
 
 
+def test_greyscale_models_read_their_folders_in_grey(tmp_path: Path, capsys: Any) -> None:
+    data = folder_data(tmp_path / "clean", classes=("0", "1", "2"))
+    grey = DatasetInfo("imagefolder", 1, 16, 3, (0.5,), (0.25,), hflip=False, pad=2)
+    w = weights(tmp_path / "grey.safetensors", grey)
+    args = ("--defense", "ft", "--params", FT1, "--weights", str(w), "--arch", "cnn",
+            "--data-root", str(data), "--out", str(tmp_path / "p.safetensors"), "--device", "cpu")
+    assert purify(*args) == 2 and "expected [32, 3, 3, 3]" in capsys.readouterr().err
+    assert purify(*args, "--channels", "1") == 0, capsys.readouterr().err
+    card = json.loads((tmp_path / "p.json").read_text())
+    assert card["data"]["normalization"]["mean"] != [0.5] and len(card["data"]["normalization"]
+                                                                   ["mean"]) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: refused before training, one line, nothing written
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Clean data (``--dataset``):
   the defender's; ``--holdout`` of each class (seeded by ``--seed``) is held out to measure
   clean accuracy, the rest fine-tunes. Classes are the folder names, sorted (torchvision's
   ImageFolder), or the numbers themselves when every folder is named by a class index.
-  Images are RGB, resized to S x S, S the shorter side of the first image.
+  Images are read as RGB (``--channels 1``: greyscale) and resized to S x S, S the shorter
+  side of the first image.
 - ``digits``, ``mnist``, ``cifar10``, ``gtsrb``: the dataset's own split, as the search and
   ``evaluate`` use it: fine-tune on its clean share (``--clean-ratio``, class-balanced, from
   ``--seed``), measure on its test split. With the same ``--seed`` (and ``--defense-seed``),
@@ -135,6 +136,9 @@ class PurifyCommand:
         choices=DATASETS, group="clean data"))
     data_root: Path | None = field(default=None, metadata=_opt(
         "folder of the clean data (imagefolder: one folder per class)", group="clean data"))
+    channels: int = field(default=3, metadata=_opt(
+        "imagefolder: the channels the model takes, 3 (images read as RGB) or 1 (greyscale)",
+        group="clean data"))
     holdout: float = field(default=0.2, metadata=_opt(
         "imagefolder: share of each class held out to measure clean accuracy, in (0, 1)",
         group="clean data"))
@@ -175,6 +179,8 @@ class PurifyCommand:
         if self.params is not None and self.from_run is not None:
             raise UsageError("--params and --from-run both given: expected one source of the "
                              "configuration")
+        if self.channels not in (1, 3):
+            raise UsageError(f"--channels {self.channels}: expected 1 or 3")
         if not 0.0 < self.holdout < 1.0:
             raise UsageError(f"--holdout {self.holdout}: expected a number in (0, 1)")
         if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
@@ -291,7 +297,8 @@ def _holdout(split: Split, share: float, seed: int) -> tuple[Split, Split]:
 
 def _folder_data(cmd: PurifyCommand) -> tuple[DatasetInfo, Split, Split, list[str]]:
     assert cmd.data_root is not None
-    images, classes = read_folder(cmd.data_root, channels=3, size=None, what="--data-root")
+    images, classes = read_folder(cmd.data_root, channels=cmd.channels, size=None,
+                                  what="--data-root")
     if set(classes) in ({"train", "test"}, {"train", "val"}):
         raise UsageError(f"--data-root {cmd.data_root}: holds {'/'.join(sorted(classes))}/ "
                          "folders: expected one folder per class (e.g. --data-root "
@@ -305,7 +312,7 @@ def _folder_data(cmd: PurifyCommand) -> tuple[DatasetInfo, Split, Split, list[st
     finetune, heldout = _holdout(images, cmd.holdout, cmd.seed)
     x = finetune.x.double() / 255.0 if len(finetune) else images.x.double() / 255.0
     size = int(images.x.shape[-1])
-    info = DatasetInfo("imagefolder", 3, size, k,
+    info = DatasetInfo("imagefolder", cmd.channels, size, k,
                        tuple(float(v) for v in x.mean(dim=(0, 2, 3))),
                        tuple(max(float(v), 1e-3) for v in x.std(dim=(0, 2, 3))),
                        hflip=False, pad=max(1, size // 8))
