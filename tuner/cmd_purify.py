@@ -84,6 +84,7 @@ from zoo.runtime import (
     pick_device,
     prepare_model,
     reproducible_precision,
+    use_bf16,
 )
 
 __all__ = ["PurifyCommand", "add_arguments", "main"]
@@ -330,8 +331,8 @@ def _data(cmd: PurifyCommand) -> tuple[DatasetInfo, Split, Split, dict[str, Any]
                              clean_ratio=cmd.clean_ratio)
         info, finetune, heldout = splits.info, splits.clean, splits.test
         classes = [str(i) for i in range(info.num_classes)]
-        how = (f"{cmd.dataset}'s own split (seed {cmd.seed}): fine-tune on its clean share, "
-               "measure on its test split, as 'python -m tuner evaluate'")
+        how = (f"the {cmd.dataset} dataset's own split (seed {cmd.seed}): fine-tune on its "
+               "clean share, measure on its test split, as 'python -m tuner evaluate'")
     if cmd.num_classes is not None and cmd.num_classes != info.num_classes:
         raise UsageError(f"--num-classes {cmd.num_classes}: {cmd.dataset} has "
                          f"{info.num_classes} classes: expected the same")
@@ -432,9 +433,12 @@ def purify(cmd: PurifyCommand, defense: str, cfg: Any, inputs: Inputs
               flush=True)
     seconds = time.perf_counter() - start
     after = measure(model, inputs, cmd.target, device, cmd.precision)
+    def name(precision: Precision) -> str:
+        return "bf16" if use_bf16(device, precision) else "fp32"
+
     return model, {"before": before, "after": after, "epochs": epochs,
-                   "defense_seconds": seconds, "before_precision": before_precision,
-                   "after_precision": cmd.precision}
+                   "defense_seconds": seconds, "before_precision": name(before_precision),
+                   "after_precision": name(cmd.precision)}
 
 
 def _line(m: dict[str, float]) -> str:
