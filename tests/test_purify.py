@@ -120,7 +120,7 @@ def test_from_run_takes_the_runs_best_configuration(tmp_path: Path, capsys: Any)
                 "--device", "cpu")
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "tuned with dataset digits; purifying a imagefolder one" in err
+    assert "tuned with dataset digits; this run uses dataset imagefolder" in err
     card = json.loads((tmp_path / "p.json").read_text())
     src = card["config_source"]
     assert src["kind"] == "run" and src["run"] == "ft-demo" and src["trial"] == 3

@@ -541,8 +541,8 @@ def main(args: argparse.Namespace) -> int:
         ran = source.get(key)
         mine = cmd.dataset if key == "dataset" else cmd.arch
         if ran is not None and ran != mine:
-            print(f"note: the configuration was tuned with {key} {ran}; purifying a {mine} "
-                  "one", file=sys.stderr)
+            print(f"note: the configuration was tuned with {key} {ran}; this run uses "
+                  f"{key} {mine}", file=sys.stderr)
     model, result = purify(cmd, defense, cfg, inputs)
     state = _out_state(model)
     if not all(math.isfinite(float(v.float().abs().max())) for v in state.values() if v.numel()):
