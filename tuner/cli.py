@@ -1,5 +1,5 @@
 """Command line: ``python -m tuner [search flags]`` (the search) and the subcommands
-``zoo``, ``evaluate`` and ``report``.
+``zoo``, ``evaluate``, ``report``, ``import-backdoorbench`` and ``purify``.
 
 Every subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``. Bad input raises :class:`UsageError` (or a library error carrying the
@@ -23,6 +23,10 @@ COMMANDS = {
     "zoo": ("tuner.cmd_zoo", "build or load the backdoored victims and print their metrics"),
     "evaluate": ("tuner.cmd_evaluate", "run one defense configuration on every victim"),
     "report": ("tuner.cmd_report", "re-render the report of a finished run, without Ray"),
+    "import-backdoorbench": ("tuner.cmd_import_backdoorbench",
+                             "keep a BackdoorBench attack record as victim bb:NAME"),
+    "purify": ("tuner.cmd_purify", "fine-tune your model with a defense and write the "
+               "purified weights and a model card"),
 }
 
 
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyperparameter search for fine-tuning backdoor defenses. Without a "
         "subcommand, runs the search: python -m tuner --defense ngf",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{search,zoo,evaluate,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
         epilog = None
         if name == "search":

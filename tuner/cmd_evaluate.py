@@ -24,6 +24,7 @@ from defenses import REGISTRY, make_config
 from tuner import flags
 from tuner.errors import UsageError
 from tuner.evaluation import anchors, mia_before, run_config
+from tuner.spec import victims_default
 from zoo.victims import ZooSpec, get_victims
 
 MAX_PARAMS_BYTES = 1 << 20  # a best_config.json is a few hundred bytes
@@ -140,6 +141,7 @@ def summary(runs: list[dict[str, dict[str, Any]]]) -> dict[str, tuple[float, flo
 
 def main(args: argparse.Namespace) -> int:
     cmd = flags.build(EvaluateCommand, args)
+    cmd = dataclasses.replace(cmd, zoo=victims_default(cmd.zoo, args))
     defense, params, cfg = resolve(cmd)
     splits = cmd.zoo.load_splits()
     victims = get_victims(cmd.zoo, splits=splits, progress=not cmd.json)

@@ -9,6 +9,9 @@
 A victim whose defense reports divergence keeps the worst-case metrics from then on:
 ACC 0, ASR 100, RA 0 and DER 0 (the lowest DER, rather than the formula's value for those
 numbers, so that every objective ranks the divergence last). The other victims continue.
+
+Each victim is fine-tuned and measured with its own ``info``: the dataset's facts, with the
+model's own input normalization for a victim trained elsewhere (``zoo.external``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, in
 def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
            device: torch.device, precision: Precision) -> tuple[torch.nn.Module, Iterator[Any]]:
     model = victim.model(device)
-    run = get_defense(defense).run(model, splits.clean, splits.info, cfg, seed=seed, device=device,
+    run = get_defense(defense).run(model, splits.clean, victim.info, cfg, seed=seed, device=device,
                                    precision=precision)
     return model, iter(run)
 
@@ -132,7 +135,7 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
             losses.append(float(result.loss))
             v = by_attack[attack]
             clean, triggered = val[attack]
-            last[attack] = _measure(model, v, clean, triggered, splits.info, "val", device, precision)
+            last[attack] = _measure(model, v, clean, triggered, v.info, "val", device, precision)
             if retune and epoch >= cfg.epochs:
                 last[attack]["ra_asr"] = retuning_attack(
                     model, v.attack_obj, splits, poison_rate=float(v.poison_rate), seed=seed,
@@ -188,7 +191,7 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
         seconds = time.perf_counter() - start
         triggered = v.bd_test if split == "test" else v.bd_val
         after = (dict(DIVERGED_METRICS) if diverged
-                 else _measure(model, v, clean, triggered, splits.info, split, device, precision))
+                 else _measure(model, v, clean, triggered, v.info, split, device, precision))
         out[v.attack] = {"before": v.metrics[split].as_dict(), "after": after,
                          "seconds": seconds, "diverged": diverged, "epochs": epochs}
         if sequela is not None and not diverged:

@@ -63,6 +63,7 @@ from defenses import ConfigError, get_defense, make_config
 from tuner._io import clip, clip_text
 from tuner.errors import UsageError
 from zoo.config import config_types, describe_type, field_fits
+from zoo.yamlsafe import strict_loader
 
 __all__ = ["Space", "SpaceError", "load_space", "space_from_json", "space_to_json",
            "shipped_spaces"]
@@ -102,38 +103,9 @@ class Space:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader for space files: ``1e-3`` is a float (as in JSON); no aliases, no duplicate
-    keys, at most ``MAX_DEPTH`` levels (a small file cannot expand into a huge value)."""
-
-    depth = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.YAMLError("YAML aliases (*name) are not accepted in a space file")
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.YAMLError(f"key {clip(key, 40)} is given twice")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+# SafeLoader for space files: ``1e-3`` is a float (as in JSON); no aliases, no duplicate keys,
+# at most ``MAX_DEPTH`` levels (a small file cannot expand into a huge value).
+_Loader = strict_loader("a space file", MAX_DEPTH)
 
 
 def shipped_spaces() -> list[str]:

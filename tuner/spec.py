@@ -33,11 +33,11 @@ from tuner import flags
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
 from tuner.spaces import Space, load_space
-from zoo.attacks import check_attack_names
+from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
-from zoo.victims import ZooSpec
+from zoo.victims import ZooSpec, check_victim_names
 
-__all__ = ["ExperimentSpec", "check_writable", "default_name", "from_args"]
+__all__ = ["ExperimentSpec", "check_writable", "default_name", "from_args", "victims_default"]
 
 Scheduler = Literal["asha", "fifo"]
 # The smoke-test victims train this many epochs (stored apart from the real ones): enough to
@@ -168,7 +168,8 @@ class ExperimentSpec:
             raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
                              "number > 0")
         if self.holdout_attacks:
-            check_attack_names(self.holdout_attacks, "--holdout-attacks")
+            check_victim_names(self.holdout_attacks, "--holdout-attacks",
+                               manifest=self.zoo.manifest is not None)
         overlap = sorted(set(self.zoo.attacks) & set(self.holdout_attacks))
         if overlap:
             raise UsageError(f"--holdout-attacks {','.join(overlap)} also in --attacks: "
@@ -377,10 +378,21 @@ def check_writable(output: Path) -> None:
 def from_args(args: argparse.Namespace) -> ExperimentSpec:
     """Build and fully check the spec from parsed flags (see tuner.cmd_search)."""
     spec = flags.build(ExperimentSpec, args, smoke=bool(getattr(args, "smoke_test", False)))
+    spec = dataclasses.replace(spec, zoo=victims_default(spec.zoo, args))
     if spec.resume and not hasattr(args, "name"):
         raise UsageError("--resume needs --name: the name of the run to continue")
     spec.check_world()
     return with_stored_run(spec) if spec.resume else spec
+
+
+def victims_default(zoo: ZooSpec, args: argparse.Namespace) -> ZooSpec:
+    """With ``--victims FILE`` and no ``--attacks``, the victims are the file's (the default
+    attacks are not built); otherwise ``zoo`` as it is."""
+    if zoo.manifest is None or hasattr(args, "attacks"):
+        return zoo
+    names = tuple(v.name for v in load_manifest(zoo.manifest))
+    holdout = set(getattr(args, "holdout_attacks", ()))
+    return dataclasses.replace(zoo, attacks=tuple(n for n in names if n not in holdout))
 
 
 def with_stored_run(spec: ExperimentSpec) -> ExperimentSpec:

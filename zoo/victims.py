@@ -6,6 +6,14 @@ model, which does not depend on it), the training recipe, and the store's format
 Each entry holds two tensor groups, ``model`` (the state_dict) and ``attack`` (the trigger's
 state), and its no-defense metrics on val and test in ``meta``.
 
+Victims trained elsewhere come in through the same ``--attacks`` list: ``bb:NAME`` (a
+BackdoorBench record imported into the store, :mod:`zoo.backdoorbench`) and the names of a
+``--victims`` manifest (:mod:`zoo.manifest`). They are stored under the hash of their weights,
+triggered images and description (:mod:`zoo.external`); a :class:`Victim` made from one carries
+its own input normalization in ``info`` and its triggered val and test sets (the given set cut
+in seeded halves, the given halves, or a built-in trigger applied to val and test); its
+no-defense metrics are measured once per dataset and split seed and kept in the store.
+
 >>> from zoo.victims import ZooSpec, get_victims
 >>> victims = get_victims(ZooSpec("digits"), ["badnets"])   # doctest: +SKIP
 >>> victims[0].metrics["test"].asr                          # doctest: +SKIP
@@ -33,14 +41,25 @@ from zoo.attacks import (
     make_attack,
     restore_attack,
 )
+from zoo.backdoorbench import PREFIX as BB_PREFIX
 from zoo.data import CLEAN_RATIOS, DATASETS, DataError, DatasetInfo, Split, Splits, load_splits
+from zoo.external import (
+    ExternalError,
+    check_name,
+    halves,
+    name_key,
+    named_entry,
+    with_normalization,
+)
+from zoo.manifest import ManifestVictim, load_manifest, store_victim
 from zoo.metrics import Metrics, evaluate
 from zoo.models import ARCHS, Classifier, build_model
 from zoo.runtime import PRECISIONS, Precision, pick_device, prepare_model, reproducible_precision
-from zoo.store import Store
+from zoo.store import Entry, Store
 from zoo.train import Recipe, default_recipe, train_victim
 
-__all__ = ["Victim", "ZooSpec", "get_victims", "prepare_attacks", "victim_description"]
+__all__ = ["Victim", "ZooSpec", "check_victim_names", "get_victims", "prepare_attacks",
+           "victim_description"]
 
 
 MAX_SEED = 2**31 - 1  # every seed consumer (numpy, torch, derived loader seeds) accepts it
@@ -69,8 +88,15 @@ class ZooSpec:
         "downloaders when they are missing (needs a network)", resource=True))
     arch: str = field(default="cnn", metadata=_opt("victim model architecture", choices=ARCHS))
     attacks: tuple[str, ...] = field(default=DEFAULT_ATTACKS, compare=False, metadata=_opt(
-        "comma-separated attacks, one victim each ('none' is the clean model)",
+        "comma-separated victims: a built-in attack each ('none' is the clean model), "
+        f"{BB_PREFIX}NAME for a BackdoorBench record imported with 'python -m tuner "
+        "import-backdoorbench', or a name from --victims",
+        default_text=",".join(DEFAULT_ATTACKS) + "; with --victims, that file's victims",
         choices=tuple(ATTACKS), smoke=("badnets",)))
+    manifest: Path | None = field(default=None, compare=False, metadata=_opt(
+        "YAML manifest of victims trained elsewhere (weights, arch, classes, target, triggered "
+        "test set; format in zoo/manifest.py); 'python -m tuner zoo --export DIR' writes one",
+        flag="--victims", metavar="FILE.yaml"))
     poison_rate: float | None = field(default=None, metadata=_opt(
         "share of the training set the attacker poisons, in (0, 1), for every attack",
         default_text=f"{DEFAULT_POISON_RATE}, or an attack's documented default on the dataset"))
@@ -99,7 +125,7 @@ class ZooSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        for name in ("data_root", "zoo_dir", "blend_image"):
+        for name in ("data_root", "zoo_dir", "blend_image", "manifest"):
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, Path(value).expanduser().absolute())
@@ -108,7 +134,7 @@ class ZooSpec:
             raise DataError(f"unknown dataset {self.dataset!r}: expected one of {', '.join(DATASETS)}")
         if self.arch not in ARCHS:
             raise DataError(f"unknown model {self.arch!r}: expected one of {', '.join(ARCHS)}")
-        check_attack_names(self.attacks, "--attacks")
+        check_victim_names(self.attacks, "--attacks", manifest=self.manifest is not None)
         if self.poison_rate is not None and not 0.0 < self.poison_rate < 1.0:
             raise DataError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
         if self.clean_ratio is not None and not 0.0 < self.clean_ratio <= 1.0:
@@ -163,7 +189,14 @@ class ZooSpec:
 
 @dataclass
 class Victim:
-    """One trained victim with its trigger and its no-defense metrics (plain, picklable)."""
+    """One trained victim with its trigger and its no-defense metrics (plain, picklable).
+
+    ``attack`` is the victim's name in ``--attacks`` and in every report: a built-in attack,
+    ``bb:NAME`` or a manifest's name. Victims trained elsewhere (``source`` "backdoorbench"
+    or "manifest") carry their own input normalization in ``info``, their triggered val and
+    test sets in ``bd_val``/``bd_test`` and no ``attack_obj`` unless their trigger is a
+    built-in one; their ``poison_rate`` is unknown (None).
+    """
 
     attack: str
     dataset: str
@@ -171,7 +204,7 @@ class Victim:
     info: DatasetInfo
     target: int
     state_dict: dict[str, torch.Tensor]
-    attack_obj: Attack
+    attack_obj: Attack | None
     bd_val: Split
     bd_test: Split
     metrics: dict[str, Metrics]
@@ -179,7 +212,8 @@ class Victim:
     seconds: float  # build time (training + evaluation) if built, load time if loaded
     built: bool
     train_seconds: float = 0.0  # training time recorded when the victim was built
-    poison_rate: float | None = None  # None for the clean model
+    poison_rate: float | None = None  # None for the clean model and external victims
+    source: str = "zoo"  # "zoo" (built here), "backdoorbench" or "manifest"
 
     def model(self, device: torch.device | str = "cpu") -> Classifier:
         """A fresh model with the victim's weights, on ``device`` (left in train mode)."""
@@ -193,16 +227,47 @@ class Victim:
 # ---------------------------------------------------------------------------------------------
 
 
+def check_victim_names(names: Sequence[str], flag: str, *, manifest: bool) -> None:
+    """At least one name, each once; each a built-in attack, ``bb:NAME``, or (with a
+    manifest) a victim name, whose presence in the manifest is checked when it is read."""
+    builtin = [n for n in names if n in ATTACKS]
+    if builtin or not names:
+        check_attack_names(builtin or names, flag)
+    for name in names:
+        if name in ATTACKS:
+            continue
+        if name.startswith(BB_PREFIX):
+            check_name(name[len(BB_PREFIX):], f"{flag}: {name!r}: the NAME of {BB_PREFIX}NAME")
+        elif not manifest:
+            raise DataError(f"unknown attack {name!r} in {flag}: expected any of "
+                            f"{', '.join(ATTACKS)}, {BB_PREFIX}NAME (an imported BackdoorBench "
+                            "record) or a victim of --victims FILE")
+        else:
+            check_name(name, f"{flag}: victim name")
+    dup = sorted({a for a in names if list(names).count(a) > 1})
+    if dup:
+        raise DataError(f"{flag} names {', '.join(dup)} twice: expected each victim once")
+
+
 def prepare_attacks(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
                     ) -> dict[str, Attack]:
-    """Build each attack (``spec.attacks`` when None), checking its poison rate against the data.
+    """Build each built-in attack (``spec.attacks`` when None), checking its poison rate
+    against the data, and check the victims trained elsewhere (``bb:NAME`` is in the store,
+    manifest victims are in ``--victims``, each for this data).
 
     Raises DataError (one line, naming the bad value) before any training happens.
     """
+    return _prepare_all(spec, attacks, splits)[0]
+
+
+def _prepare_all(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
+                 ) -> tuple[dict[str, Attack], dict[str, dict[str, Any] | ManifestVictim]]:
+    """(built-in attacks, external victims' sources by name): see :func:`prepare_attacks`."""
     attacks = spec.attacks if attacks is None else tuple(attacks)
-    check_attack_names(attacks, "attacks")
+    check_victim_names(attacks, "attacks", manifest=spec.manifest is not None)
+    external = _external_sources(spec, attacks, splits.info)
     out: dict[str, Attack] = {}
-    for name in dict.fromkeys(attacks):
+    for name in dict.fromkeys(a for a in attacks if a in ATTACKS):
         extra = spec.attack_params_for(name)
         if name == "blended" and spec.blend_image is not None:
             extra["image"] = spec.blend_image
@@ -214,7 +279,43 @@ def prepare_attacks(spec: ZooSpec, attacks: Sequence[str] | None, splits: Splits
         except ValueError as exc:
             raise DataError(f"{name}: {exc}") from None
         out[name] = attack
+    return out, external
+
+
+def _external_sources(spec: ZooSpec, attacks: Sequence[str], data: DatasetInfo
+                      ) -> dict[str, dict[str, Any] | ManifestVictim]:
+    """Each external victim's source: a ``bb:NAME`` pointer's meta (no tensors read) or its
+    manifest entry; DataError when one is missing or was made for other data."""
+    out: dict[str, dict[str, Any] | ManifestVictim] = {}
+    manifest = {v.name: v for v in load_manifest(spec.manifest)} if spec.manifest else {}
+    store = _open_store(spec)
+    for name in attacks:
+        if name in ATTACKS:
+            continue
+        if not name.startswith(BB_PREFIX):
+            if name not in manifest:
+                raise DataError(f"--attacks {name!r}: not a built-in attack and not a victim of "
+                                f"{spec.manifest}: expected one of {', '.join(manifest)}")
+            out[name] = manifest[name]
+            continue
+        pointer = named_entry(store, name)
+        if pointer is None:
+            raise DataError(f"{name} is not in the victim store {store.root}: expected "
+                            f"'python -m tuner import-backdoorbench RECORD_DIR --name "
+                            f"{name[len(BB_PREFIX):]}' first (with the same --zoo-dir)")
+        _check_data(name, pointer, data)
+        out[name] = pointer
     return out
+
+
+def _check_data(name: str, meta: dict[str, Any], data: DatasetInfo) -> None:
+    """An external victim's images and classes are the data's (and its dataset, if named)."""
+    theirs = (meta.get("dataset"), meta.get("channels"), meta.get("size"), meta.get("num_classes"))
+    ours = (data.name, data.channels, data.size, data.num_classes)
+    if theirs != ours:
+        raise DataError(f"{name} was trained on {theirs[0]} ({theirs[1]}x{theirs[2]}x{theirs[2]} "
+                        f"images, {theirs[3]} classes): expected --dataset {theirs[0]} (this run "
+                        f"has {ours[0]}: {ours[1]}x{ours[2]}x{ours[2]}, {ours[3]} classes)")
 
 
 def victim_description(spec: ZooSpec, attack: Attack) -> dict[str, Any]:
@@ -333,12 +434,16 @@ def get_victims(
     """
     if splits is None:
         splits = spec.load_splits()
-    prepared = prepare_attacks(spec, attacks, splits)
+    prepared, external = _prepare_all(spec, attacks, splits)
     dev = pick_device(spec.device if device is None else device)
     store = _open_store(spec)
     victims = []
-    for name, attack in prepared.items():
+    for name in dict.fromkeys(spec.attacks if attacks is None else attacks):
         start = time.perf_counter()
+        if name in external:
+            victims.append(_external_victim(spec, name, external[name], splits, store, dev))
+            continue
+        attack = prepared[name]
         key = store.key(victim_description(spec, attack))
         entry, built = store.get(key), False
         if entry is None:
@@ -352,3 +457,73 @@ def get_victims(
             victim.seconds = time.perf_counter() - start
         victims.append(victim)
     return victims
+
+
+# ---------------------------------------------------------------------------------------------
+# Victims trained elsewhere (zoo.backdoorbench, zoo.manifest; layout in zoo.external)
+# ---------------------------------------------------------------------------------------------
+
+
+def _external_victim(spec: ZooSpec, name: str, source: dict[str, Any] | ManifestVictim,
+                     splits: Splits, store: Store, device: torch.device) -> Victim:
+    """Load (a manifest's: read, then keep) an external victim; triggered halves and
+    no-defense metrics for this split seed."""
+    start = time.perf_counter()
+    if isinstance(source, ManifestVictim):
+        entry, kind = store_victim(source, store, splits.info), "manifest"
+    else:
+        found = store.get(str(source["victim"]))
+        if found is None:
+            store.remove(name_key(name))
+            raise DataError(f"{name}: its store entry is gone (corrupt or removed): expected "
+                            "'python -m tuner import-backdoorbench RECORD_DIR' again")
+        entry, kind = found, "backdoorbench"
+    meta = entry.meta
+    _check_data(name, meta, splits.info)
+    try:
+        info = with_normalization(splits.info, meta["mean"], meta["std"], where=name)
+    except ExternalError as exc:
+        raise DataError(str(exc)) from None
+    attack_obj, bd_val, bd_test = _external_triggered(spec, entry, info, splits)
+    victim = Victim(
+        attack=name, dataset=spec.dataset, arch=str(meta["arch"]), info=info,
+        target=int(meta["target"]), state_dict=entry.groups["model"], attack_obj=attack_obj,
+        bd_val=bd_val, bd_test=bd_test, metrics={}, key=entry.key, seconds=0.0, built=False,
+        source=kind)
+    victim.metrics = _external_metrics(spec, store, victim, splits, device)
+    victim.seconds = time.perf_counter() - start
+    return victim
+
+
+def _external_triggered(spec: ZooSpec, entry: Entry, info: DatasetInfo, splits: Splits
+                        ) -> tuple[Attack | None, Split, Split]:
+    """(built-in trigger or None, triggered val, triggered test): the given set cut into
+    halves with the split seed, the given halves, or the built-in trigger on val and test."""
+    g, kind = entry.groups, entry.meta["triggered"]
+    if kind == "split":
+        val, test = halves(Split(g["triggered"]["x"], g["triggered"]["y"]), spec.seed)
+        return None, val, test
+    if kind == "halves":
+        return (None, Split(g["triggered_val"]["x"], g["triggered_val"]["y"]),
+                Split(g["triggered_test"]["x"], g["triggered_test"]["y"]))
+    attack = restore_attack(info, entry.meta["attack_params"], g.get("attack", {}))
+    return attack, attack.triggered(splits.val), attack.triggered(splits.test)
+
+
+def _external_metrics(spec: ZooSpec, store: Store, victim: Victim, splits: Splits,
+                      device: torch.device) -> dict[str, Metrics]:
+    """No-defense metrics on val and test, measured once per victim, dataset and split seed
+    (kept in a tensor-less store entry), as a built victim's are when it is built."""
+    key = store.key({"kind": "external-metrics", "victim": victim.key, "dataset": spec.dataset,
+                     "split_seed": spec.seed})
+    entry = store.get(key)
+    if entry is None:
+        model = victim.model(device)
+        precision = reproducible_precision(device, spec.precision)
+        metrics = {
+            name: evaluate(model, clean, bd, victim.target, victim.info, device=device,
+                           precision=precision).as_dict()
+            for name, clean, bd in (("val", splits.val, victim.bd_val),
+                                    ("test", splits.test, victim.bd_test))}
+        entry = store.put(key, {}, {"metrics": metrics, "victim": victim.key})
+    return {k: Metrics(**entry.meta["metrics"][k]) for k in ("val", "test")}
