@@ -35,10 +35,7 @@ def time_trial(defense: str, victims: list, splits: Splits, *, seed: int, device
                epochs: int | None) -> dict[str, float]:
     """Wall seconds of one trial (all epochs, val after each) and its epoch count."""
     start = time.perf_counter()
-    n = 0
-    for n, _ in enumerate(trial_epochs(defense, None, victims, splits, seed=seed, device=device,
-                                       max_epochs=epochs), start=1):
-        pass
+    n = sum(1 for _ in trial_epochs(defense, None, victims, splits, seed=seed, device=device, max_epochs=epochs))
     return {"seconds": time.perf_counter() - start, "epochs": n}
 
 

@@ -307,8 +307,7 @@ def run(
     if cfg.eta_f > 0:
         theta0 = [p.detach().clone() for p in params]
         ewc = (diag_fisher(model, params, clean, info, cfg.batch_size, dev), theta0)
-    eye = lambda k: torch.eye(k, device=dev)
-    st = KFAC(A=eye(head.in_features + 1), G=eye(head.out_features))
+    st = KFAC(A=torch.eye(head.in_features + 1, device=dev), G=torch.eye(head.out_features, device=dev))
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     gen = torch.Generator(device=dev).manual_seed(seed + 1)  # true-Fisher labels; apart from
     # the batch draws, whose generator fit seeds with ``seed``

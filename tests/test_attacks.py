@@ -183,7 +183,8 @@ def test_clean_label_poisons_only_target_class_and_keeps_labels() -> None:
 
 def test_clean_label_rate_too_large_for_target_class_is_a_clear_error() -> None:
     train = _split(GREY, 400)
-    with pytest.raises(ValueError, match=r"needs 200 target-class images but class 0 has 40: expected --poison-rate <= 0.1"):
+    with pytest.raises(ValueError,
+                       match=r"needs 200 target-class images but class 0 has 40: expected --poison-rate <= 0.1"):
         make_attack("sig", GREY).check(train, 0.5)
 
 

@@ -220,6 +220,6 @@ def test_import_then_smoke_search_on_the_record(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["attacks"] == ["bb:badnet_demo"] and summary["num_trials"] == 2
     final = json.loads((run / "final.json").read_text())
-    assert set(final["no_defense"]["per_attack"]) == {"bb:badnet_demo"}
-    assert final["best"]["seeds"][0]["bb:badnet_demo"]["after"]["acc"] >= 0.0
+    assert set(final["no_defense"]["runs"][0]["per_attack"]) == {"bb:badnet_demo"}
+    assert final["best"]["runs"][0]["per_attack"]["bb:badnet_demo"]["after"]["acc"] >= 0.0
     assert "bb:badnet\\_demo" in (run / "report.md").read_text()  # Markdown-escaped

@@ -13,8 +13,8 @@ import torch
 
 import defenses
 from defenses import EpochResult
-from tuner.cmd_evaluate import parse_params
 from tuner import evaluation
+from tuner.cmd_evaluate import parse_params
 from tuner.errors import UsageError
 from tuner.evaluation import DIVERGED_METRICS, run_config, trial_epochs
 from zoo.data import Split, load_splits

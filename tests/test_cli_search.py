@@ -67,4 +67,4 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
     assert len(list(run.glob("ray/trial_*/result.json"))) == 2
     assert not list(run.glob("ray/trial_*/events.out.tfevents*"))
     final = json.loads((run / "final.json").read_text())
-    assert final["best"]["params"]["epochs"] == 1 and len(final["best"]["seeds"]) == 1
+    assert final["best"]["params"]["epochs"] == 1 and len(final["best"]["runs"]) == 1

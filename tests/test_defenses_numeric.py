@@ -172,7 +172,10 @@ def test_ngf_eigenbasis_gradient_equals_the_dense_kronecker_solve():
     q = torch.kron(st.q_a, st.q_g)
     s = torch.outer(st.d_g, st.d_a)
     m = q @ torch.diag(s.T.reshape(-1) + damping) @ q.T
-    vec = lambda t: t.T.reshape(-1)
+
+    def vec(t: torch.Tensor) -> torch.Tensor:
+        return t.T.reshape(-1)
+
     dense = torch.linalg.solve(m, vec(grad))
     torch.testing.assert_close(vec(v), dense)
     # ... which is (A (x) G + damping I)^-1 vec(grad) when no eigenvalue is cut.

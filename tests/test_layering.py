@@ -95,23 +95,23 @@ def _private(attr: str) -> bool:
 
 def private_api_errors(root: Path) -> list[str]:
     errors = []
-    for name, path in modules(root).items():
+    for path in modules(root).values():
         tree = ast.parse(path.read_text(), str(path))
         bound = _bound_names(tree)
-        where = lambda node: f"{path.relative_to(root)}:{node.lineno}"
+        rel = path.relative_to(root)
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mod = node.module if isinstance(node, ast.ImportFrom) else None
                 names = [a.name for a in node.names]
                 dotted = [*(mod or "").split("."), *[p for n in names for p in n.split(".")]]
                 if _top(mod or names[0]) in PRIVATE_ROOTS and any(_private(p) for p in dotted):
-                    errors.append(f"{where(node)}: private Ray/Optuna import")
+                    errors.append(f"{rel}:{node.lineno}: private Ray/Optuna import")
             elif isinstance(node, ast.Attribute) and _private(node.attr):
                 inner = node.value
                 while isinstance(inner, ast.Attribute):
                     inner = inner.value
                 if isinstance(inner, ast.Name) and inner.id in bound:
-                    errors.append(f"{where(node)}: private attribute {node.attr} of {inner.id}")
+                    errors.append(f"{rel}:{node.lineno}: private attribute {node.attr} of {inner.id}")
             elif isinstance(node, ast.Call):
                 func = node.func
                 while isinstance(func, ast.Attribute):
@@ -119,7 +119,7 @@ def private_api_errors(root: Path) -> list[str]:
                 if isinstance(func, ast.Name) and func.id in bound:
                     for kw in node.keywords:
                         if kw.arg and _private(kw.arg):
-                            errors.append(f"{where(node)}: private argument {kw.arg}")
+                            errors.append(f"{rel}:{node.lineno}: private argument {kw.arg}")
     return errors
 
 

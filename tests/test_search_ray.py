@@ -313,5 +313,7 @@ def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
     monkeypatch.setattr(search.os, "cpu_count", lambda: 3)
     before = torch.get_num_threads()
     spec = ExperimentSpec(defense="ngf", final_seeds=2)
-    assert search.final_evaluation(spec, {}, [], None) == [{}, {}]
+    sets = [search.VictimSet(seed=0, victims=[], mia=None)]
+    runs = search.final_evaluation(spec, {}, sets, None)
+    assert [(r["victim_seed"], r["defense_seed"]) for r in runs] == [(0, 0), (0, 1)]
     assert seen == [2, 2] and torch.get_num_threads() == before

@@ -68,7 +68,8 @@ def test_corrupt_entry_is_rebuilt(tmp_path, splits, capsys) -> None:
     [
         (["nope"], {}, "unknown attack 'nope'"),
         (["badnets"], {"poison_rate": 1.5}, "--poison-rate 1.5"),
-        (["badnets", "sig"], {"poison_rate": 0.5}, "sig: poison rate 0.5 needs 539 target-class images but class 0 has 107"),
+        (["badnets", "sig"], {"poison_rate": 0.5},
+         "sig: poison rate 0.5 needs 539 target-class images but class 0 has 107"),
         (["badnets"], {"arch": "vit"}, "unknown model 'vit'"),
     ],
 )

@@ -82,7 +82,7 @@ def parse_params(text: str | None) -> tuple[dict[str, Any], str | None]:
                              "expected e.g. '{\"lr\": 0.01}' or a best_config.json") from None
         if path.stat().st_size > MAX_PARAMS_BYTES:
             raise UsageError(f"--params {str(path)!r}: larger than {MAX_PARAMS_BYTES} bytes: "
-                             "expected a small JSON file such as best_config.json")
+                             "expected a small JSON file such as best_config.json") from None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -29,7 +29,8 @@ from zoo.runtime import Precision
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
 
-__all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config", "subsample_index", "trial_epochs"]
+__all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
+           "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 

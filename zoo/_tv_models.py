@@ -9,7 +9,7 @@ against the builder (structure, keys both ways, outputs). ``head`` is a property
 existing final Linear, so no key moves.
 
 torchvision names the convolutional trunk of VGG, MobileNetV3, EfficientNet and ConvNeXt
-``features``, the name of the :class:`~zoo.models.Classifier` method: the method wins attribute
+``features``, the name of the :class:`~zoo.classifier.Classifier` method: the method wins attribute
 lookup, the trunk stays registered under ``features`` (its keys unchanged) and is reached as
 ``trunk``.
 """
@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import models as tvm  # type: ignore[import-untyped]
 from torchvision.transforms import Resize  # type: ignore[import-untyped]
 
-from zoo.models import Classifier
+from zoo.classifier import Classifier
 
 __all__ = ["CLASSES", "build"]
 

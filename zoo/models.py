@@ -67,27 +67,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from zoo.classifier import Classifier
 from zoo.data import DataError, DatasetInfo
 
 __all__ = ["ARCHS", "Classifier", "build_model", "canonical_arch", "check_arch"]
-
-
-class Classifier(nn.Module):
-    """Base: ``forward(x) = head(features(x))``; ``last_block`` is the backbone's last block
-    before the head (see the module docstring, per arch), for defenses that tune it with the
-    head. Subclasses whose head has another key name expose it as a ``head`` property."""
-
-    head: nn.Linear
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @property
-    def last_block(self) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} names no last block")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def _conv_bn(cin: int, cout: int, relu: bool = True) -> nn.Sequential:

@@ -253,7 +253,8 @@ class InputAware(PreparedAttack):
             g_sched.step()
             mean = total / max(1, len(one))
             if mean != mean or mean in (float("inf"), float("-inf")):
-                raise RuntimeError(f"inputaware victim diverged at epoch {epoch + 1} (loss {mean}): expected a lower lr")
+                raise RuntimeError(f"inputaware victim diverged at epoch {epoch + 1} (loss {mean}): "
+                                   "expected a lower lr")
             report(epoch + 1, mean)
         self.mask_net, self.pattern_net = self.mask_net.cpu().eval(), self.pattern_net.cpu().eval()
 

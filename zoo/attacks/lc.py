@@ -263,7 +263,8 @@ class LC(PreparedAttack):
         ``splits.train`` (see the module docstring); reproducible from the seed. Eval mode."""
         eps = self.eps if self.at_eps is None else self.at_eps
         alpha = 1.25 * eps if self.at_steps == 1 else 2.5 * eps / self.at_steps
-        bar = building_progress(f"lc robust model ({self.info.name}, eps {eps * 255:.3g}/255)", self.at_epochs, progress,
+        bar = building_progress(f"lc robust model ({self.info.name}, eps {eps * 255:.3g}/255)", self.at_epochs,
+                                progress,
                        unit="epoch")
         return fast_adversarial_training(reinitialized(clean, self.seed), splits.train, self.info, eps=eps,
                                          alpha=alpha, epochs=self.at_epochs, lr=self.at_lr,
@@ -283,8 +284,8 @@ class LC(PreparedAttack):
         train = splits.train
         idx = torch.nonzero(train.y.cpu() == self.target).flatten()
         chunks = list(torch.split(idx, batch_size))
-        bar = building_progress(f"lc adversarial class {self.target} ({len(idx)} images, {self.info.name})", len(chunks),
-                       progress, unit="batch")
+        bar = building_progress(f"lc adversarial class {self.target} ({len(idx)} images, {self.info.name})",
+                                len(chunks), progress, unit="batch")
         out = []
         right = torch.zeros(2, dtype=torch.int64)  # clean and hardened images still classified right
         for i, chunk in enumerate(chunks):
@@ -315,7 +316,8 @@ class LC(PreparedAttack):
         self._require()
         idx = poison_indices(train.y, poison_rate, target=self.target, clean_label=True, seed=seed)
         pos = torch.searchsorted(self.adv_idx, idx)
-        if bool((pos >= len(self.adv_idx)).any()) or not torch.equal(self.adv_idx[pos.clamp(max=len(self.adv_idx) - 1)], idx):
+        found = self.adv_idx[pos.clamp(max=len(self.adv_idx) - 1)]
+        if bool((pos >= len(self.adv_idx)).any()) or not torch.equal(found, idx):
             raise ValueError(f"lc poisoned indices are not all hardened ({len(self.adv_idx)} stored): "
                              "expected the training split the attack was prepared on")
         x, y = train.x.clone(), train.y.clone()
