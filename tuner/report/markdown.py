@@ -89,9 +89,9 @@ def _md_verdict(d: ReportData) -> list[str]:
             "(`--verdict-asr`, `--verdict-acc-drop`); reduced, at most half the undefended ASR.",
             ""]
     rows = [[text(r.attack) + (" (held out)" if r.attack in d.holdout else ""), r.status,
-             f"{r.asr_before:.1f} -> {r.asr_after:.1f}", f"{r.acc_drop:+.1f}",
+             f"{r.asr_before:.1f} -> {r.asr_after:.1f}", f"{-r.acc_drop:+.1f}",
              "n/a" if r.ra_asr is None else f"{r.ra_asr:.1f}"] for r in v.attacks]
-    return out + table(["attack", "backdoor", "ASR no defense -> best", "ACC lost",
+    return out + table(["attack", "backdoor", "ASR no defense -> best", "ACC change",
                         "ASR after re-tuning"], rows) + [""]
 
 
@@ -279,7 +279,7 @@ def render_console(d: ReportData) -> str:
     if d.verdict is not None:
         lines.append(f"  verdict: {d.verdict.headline}")
         lines += [f"    {r.attack:<12} {r.status:<20} ASR {r.asr_before:5.1f} -> "
-                  f"{r.asr_after:5.1f}, ACC lost {r.acc_drop:+.1f}" for r in d.verdict.attacks]
+                  f"{r.asr_after:5.1f}, ACC {-r.acc_drop:+.1f}" for r in d.verdict.attacks]
         if d.verdict.gain is not None:
             ci = f" ± {d.verdict.gain_ci:.2f} (95% CI)" if d.verdict.gain_ci is not None else ""
             lines.append(f"    best vs paper default: {d.verdict.gain:+.2f}{ci} points of score")
