@@ -254,6 +254,7 @@ def test_warns_when_no_trial_beats_no_defense_beyond_noise(run_dir: Path) -> Non
     assert "No trial scored more than" in w and "no defense (-4.0)" in w
 
 
+@pytest.mark.filterwarnings("ignore:PedAnovaImportanceEvaluator computes")  # dashboard negates too
 def test_importances_are_optuna_dashboards_on_the_same_study(run_dir: Path) -> None:
     import optuna
 
