@@ -118,3 +118,12 @@ def test_progress_prints_a_line_every_few_epochs_when_not_a_tty(capsys) -> None:
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1] == "training badnets victim (cnn on digits): epoch 10/10 loss 0.500"
     assert len(lines) == 5
+
+
+def test_backdoorbench_spelling_of_an_arch_is_the_same_victim_and_recipe() -> None:
+    from zoo.train import default_recipe
+
+    ours, theirs = ZooSpec(arch="preact-resnet18"), ZooSpec(arch="preactresnet18")
+    assert theirs.arch == "preact-resnet18" and theirs == ours
+    assert default_recipe("cifar10", "preactresnet18") == default_recipe("cifar10", "preact-resnet18")
+    assert default_recipe("digits", "preactresnet18") == default_recipe("digits", "preact-resnet18")

@@ -21,7 +21,7 @@ from torch import nn
 from zoo.attacks.base import Attack
 from zoo.data import Split, Splits
 from zoo.loader import DeviceLoader
-from zoo.models import build_model
+from zoo.models import build_model, canonical_arch
 from zoo.progress import Progress
 from zoo.runtime import Precision, autocast, prepare_model, seed_everything
 
@@ -81,6 +81,7 @@ _FALLBACK = {"cnn": Recipe(epochs=40, batch_size=128, lr=0.05)}
 def default_recipe(dataset: str, arch: str, attack: str | None = None) -> Recipe:
     """The documented training recipe for ``arch`` on ``dataset`` (for ``attack``, if it needs
     a longer run there)."""
+    arch = canonical_arch(arch)
     recipe = _RECIPES.get((dataset, arch)) or _FALLBACK.get(arch, _BACKDOORBENCH)
     epochs = _ATTACK_EPOCHS.get((dataset, arch, attack or ""))
     return recipe if epochs is None else dataclasses.replace(recipe, epochs=epochs)

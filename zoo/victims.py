@@ -53,7 +53,7 @@ from zoo.external import (
 )
 from zoo.manifest import ManifestVictim, load_manifest, store_victim
 from zoo.metrics import Metrics, evaluate
-from zoo.models import ARCHS, Classifier, build_model
+from zoo.models import ARCHS, Classifier, build_model, canonical_arch
 from zoo.runtime import PRECISIONS, Precision, pick_device, prepare_model, reproducible_precision
 from zoo.store import Entry, Store
 from zoo.train import Recipe, default_recipe, train_victim
@@ -134,6 +134,8 @@ class ZooSpec:
             raise DataError(f"unknown dataset {self.dataset!r}: expected one of {', '.join(DATASETS)}")
         if self.arch not in ARCHS:
             raise DataError(f"unknown model {self.arch!r}: expected one of {', '.join(ARCHS)}")
+        # One spelling per model, so BackdoorBench's name and ours share victims and recipes.
+        set_(self, "arch", canonical_arch(self.arch))
         check_victim_names(self.attacks, "--attacks", manifest=self.manifest is not None)
         if self.poison_rate is not None and not 0.0 < self.poison_rate < 1.0:
             raise DataError(f"--poison-rate {self.poison_rate}: expected a number in (0, 1)")
