@@ -223,3 +223,19 @@ def test_sequela_and_anchors_agree_with_their_parts(zoo, splits) -> None:
     assert a.undefended == s.retuned and a.clean.asr < a.undefended.asr
     with pytest.raises(ValueError, match="no poison rate"):
         sequela(model, clean, splits, seed=1, device="cpu", cfg=QUICK)
+
+
+def test_victims_trained_elsewhere_skip_the_retuning_attack_instead_of_failing(zoo, splits) -> None:
+    import dataclasses
+
+    from tuner.evaluation import anchors, run_config
+
+    clean, victim = zoo
+    theirs = dataclasses.replace(victim, attack="bb:theirs", attack_obj=None, poison_rate=None,
+                                 source="backdoorbench")
+    assert victim.retunable and not theirs.retunable and not clean.retunable
+    out = run_config("lp", {"epochs": 1}, [victim, theirs], splits, seed=0, device="cpu",
+                     sequela={"badnets": 0.5, "bb:theirs": 0.5})
+    assert "sequela" in out["badnets"] and "sequela" not in out["bb:theirs"]
+    assert out["bb:theirs"]["after"]["acc"] > 50.0
+    assert set(anchors([victim, theirs], clean.model("cpu"), splits, seed=0, device="cpu")) == {"badnets"}

@@ -69,6 +69,8 @@ def test_smoke_test_shrinks_but_explicit_flags_win(tmp_path: Path) -> None:
     (["--defense", "ft", "--resume", "--name", "gone"], "--resume: no run to continue"),
     (["--defense", "ft", "--poison-rate", "1.5"], "--poison-rate 1.5"),
     (["--defense", "ft", "--dataset", "mnist"], "--data-root is required"),
+    (["--defense", "ft", "--attacks", "badnets,bb:theirs", "--objective", "robust"],
+     "bb:theirs (trained elsewhere) has only a triggered test set"),
 ])
 def test_bad_flags_fail_with_one_line_naming_the_flag(tmp_path: Path, argv: list[str],
                                                       needle: str) -> None:

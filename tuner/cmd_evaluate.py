@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
     mia = mia_before(victims, splits, seed=cmd.first_seed, device=device,
                      precision=precision) if cmd.sequela else None
     anchor: dict[str, Any] = {}
-    if cmd.sequela:
+    if cmd.sequela and any(v.retunable for v in victims):
         (clean,) = get_victims(dataclasses.replace(cmd.zoo, attacks=("none",)), splits=splits,
                                progress=not cmd.json)
         anchor = anchors(victims, clean.model(device), splits, seed=cmd.first_seed,

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 from defenses import get_defense, make_config
+from zoo.data import Split, Splits
 from zoo.metrics import der, evaluate
 from zoo.runtime import Precision
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
+from zoo.victims import Victim
 
 __all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
            "subsample_index", "trial_epochs"]
@@ -58,7 +60,7 @@ def _measure(model: torch.nn.Module, victim: Any, clean: Any, triggered: Any, in
     return out
 
 
-def _start(defense: str, cfg: Any, victim: Any, splits: Any, seed: int,
+def _start(defense: str, cfg: Any, victim: Victim, splits: Splits, seed: int,
            device: torch.device, precision: Precision) -> tuple[torch.nn.Module, Iterator[Any]]:
     model = victim.model(device)
     run = get_defense(defense).run(model, splits.clean, victim.info, cfg, seed=seed, device=device,
@@ -77,8 +79,8 @@ def subsample_index(n: int, k: int | None, seed: int) -> torch.Tensor | None:
     return torch.randperm(n, generator=gen)[:k].sort().values
 
 
-def _val_sets(victims: Sequence[Any], splits: Any, device: torch.device, k: int | None,
-              seed: int) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+def _val_sets(victims: Sequence[Victim], splits: Splits, device: torch.device, k: int | None,
+              seed: int) -> tuple[dict[str, tuple[Split, Split]], dict[str, tuple[Split, Split]]]:
     """Per attack: (clean val, triggered val) on ``device``, full and subsampled."""
     clean = splits.val.to(device)
     idx = subsample_index(len(clean), k, seed)
@@ -92,8 +94,8 @@ def _val_sets(victims: Sequence[Any], splits: Any, device: torch.device, k: int 
     return full, sub
 
 
-def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
-                 splits: Any, *, seed: int, device: torch.device | str,
+def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Victim],
+                 splits: Splits, *, seed: int, device: torch.device | str,
                  max_epochs: int | None = None,
                  val_subsample: int | None = None,
                  precision: Precision = "auto", retune: bool = False
@@ -137,9 +139,9 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
             v = by_attack[attack]
             clean, triggered = val[attack]
             last[attack] = _measure(model, v, clean, triggered, v.info, "val", device, precision)
-            if retune and epoch >= cfg.epochs:
+            if retune and epoch >= cfg.epochs and v.attack_obj is not None and v.poison_rate is not None:
                 last[attack]["ra_asr"] = retuning_attack(
-                    model, v.attack_obj, splits, poison_rate=float(v.poison_rate), seed=seed,
+                    model, v.attack_obj, splits, poison_rate=v.poison_rate, seed=seed,
                     device=device, clean=clean, triggered=triggered, precision=precision).asr
         if not advanced:
             return
@@ -162,8 +164,8 @@ def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, floa
     }
 
 
-def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Any],
-               splits: Any, *, seed: int, device: torch.device | str,
+def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Victim],
+               splits: Splits, *, seed: int, device: torch.device | str,
                split: str = "test", precision: Precision = "auto",
                sequela: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Run the configuration to the end on every victim; measure on ``split`` ("test"/"val").
@@ -195,24 +197,24 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
                  else _measure(model, v, clean, triggered, v.info, split, device, precision))
         out[v.attack] = {"before": v.metrics[split].as_dict(), "after": after,
                          "seconds": seconds, "diverged": diverged, "epochs": epochs}
-        if sequela is not None and not diverged:
+        if sequela is not None and not diverged and v.retunable:
             s = measure_sequela(model, v, splits, seed=seed, device=device,
                                 mia_before=sequela.get(v.attack), precision=precision)
             out[v.attack]["sequela"] = s.as_dict()
     return out
 
 
-def mia_before(victims: Sequence[Any], splits: Any, *, seed: int, device: torch.device | str,
+def mia_before(victims: Sequence[Victim], splits: Splits, *, seed: int, device: torch.device | str,
                precision: Precision = "auto") -> dict[str, float]:
     """Membership-inference AUC of each undefended victim (what a defense's change is against)."""
     return {v.attack: mia_auc(v.model(device), splits, seed=seed, device=device,
                               precision=precision) for v in victims}
 
 
-def anchors(victims: Sequence[Any], clean_model: torch.nn.Module, splits: Any, *, seed: int,
+def anchors(victims: Sequence[Victim], clean_model: torch.nn.Module, splits: Splits, *, seed: int,
             device: torch.device | str, precision: Precision = "auto") -> dict[str, dict]:
     """Per attack: the re-tuning attack on the clean reference model and on the undefended
     victim (:func:`zoo.sequela.ra_anchors`), the two ends a defended model's post-RA ASR
-    lies between."""
+    lies between. Victims trained elsewhere (not ``retunable``) have none."""
     return {v.attack: ra_anchors(v, clean_model, splits, seed=seed, device=device,
-                                 precision=precision).as_dict() for v in victims}
+                                 precision=precision).as_dict() for v in victims if v.retunable}

@@ -182,7 +182,7 @@ def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits) -> d
         "poison_rates": {v.attack: v.poison_rate for v in first},
         "anchors": None,
     }
-    if spec.sequela:
+    if spec.sequela and any(v.retunable for v in first):
         device = torch.device(spec.zoo.device)
         (clean,) = get_victims(dataclasses.replace(spec.victims, attacks=("none",)),
                                splits=splits)

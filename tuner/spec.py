@@ -33,6 +33,7 @@ from tuner import flags
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
 from tuner.spaces import Space, load_space
+from zoo.attacks import ATTACKS
 from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
 from zoo.victims import ZooSpec, check_victim_names
@@ -174,6 +175,12 @@ class ExperimentSpec:
         if overlap:
             raise UsageError(f"--holdout-attacks {','.join(overlap)} also in --attacks: "
                              "held-out attacks must not be searched on")
+        foreign = [a for a in self.zoo.attacks if a not in ATTACKS]
+        if self.objective == "robust" and foreign:
+            raise UsageError(f"--objective robust runs the re-tuning attack, which needs the "
+                             f"attacker's trigger on training images; {', '.join(foreign)} (trained "
+                             "elsewhere) has only a triggered test set: expected built-in attacks "
+                             "or another --objective")
         check_name(str(self.name))
         if self.address is not None:
             check_address(self.address)

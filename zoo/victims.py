@@ -217,6 +217,13 @@ class Victim:
     poison_rate: float | None = None  # None for the clean model and external victims
     source: str = "zoo"  # "zoo" (built here), "backdoorbench" or "manifest"
 
+    @property
+    def retunable(self) -> bool:
+        """Whether the re-tuning attack (:mod:`zoo.sequela`) can run on it: that needs the
+        attacker's trigger on training images, which victims trained elsewhere (a triggered test
+        set only) and the clean model do not have."""
+        return self.attack_obj is not None and self.poison_rate is not None
+
     def model(self, device: torch.device | str = "cpu") -> Classifier:
         """A fresh model with the victim's weights, on ``device`` (left in train mode)."""
         model = build_model(self.arch, self.info)
