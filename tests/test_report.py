@@ -201,6 +201,20 @@ def test_poison_rate_row_names_the_attacks_off_the_default(run_dir: Path) -> Non
     assert "| poison rate | 0.1 (sig 0.08) |" in render_markdown(collect(run_dir))
 
 
+def test_model_row_names_each_victims_model_when_some_came_from_elsewhere(run_dir: Path) -> None:
+    md = render_markdown(collect(run_dir))
+    assert "| model | cnn |" in md and "(cnn)" in md.splitlines()[0]
+    final = json.loads((run_dir / "final.json").read_text())
+    final["archs"] = {"badnets": "cnn", "blended": "cnn", "bb:theirs": "preact-resnet18"}
+    (run_dir / "final.json").write_text(json.dumps(final))
+    md = render_markdown(collect(run_dir))
+    assert "| model | cnn (badnets, blended); preact-resnet18 (bb:theirs) |" in md
+    final["archs"] = ["cnn"]
+    (run_dir / "final.json").write_text(json.dumps(final))
+    with pytest.raises(UsageError, match="archs"):
+        collect(run_dir)
+
+
 # -- what the report concludes -------------------------------------------------------------------
 def test_verdict_per_attack_and_overall(run_dir: Path) -> None:
     v = collect(run_dir).verdict

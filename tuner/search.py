@@ -180,6 +180,7 @@ def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits) -> d
                   "test_triggered": {v.attack: len(v.bd_test) for v in first},
                   "val_triggered": {v.attack: len(v.bd_val) for v in first}},
         "poison_rates": {v.attack: v.poison_rate for v in first},
+        "archs": {v.attack: v.arch for v in first},  # victims from elsewhere bring their own
         "anchors": None,
     }
     if spec.sequela and any(v.retunable for v in first):

@@ -109,6 +109,7 @@ class ReportData:
     importance_note: str = ""
     verdict: Verdict | None = None
     warnings: list[str] = field(default_factory=list)
+    archs: dict[str, str] = field(default_factory=dict)  #: each victim's model, when recorded
 
     @property
     def objective(self) -> str:
@@ -363,9 +364,9 @@ def collect(run_dir: str | Path, **overrides: Any) -> ReportData:
     nd, nd_std = _no_defense(final, where)
     rates, timing, sizes = (final.get("poison_rates") or {}, optional("timing.json") or {},
                             final.get("sizes") or {})
-    anchors = final.get("anchors") or {}
-    if not all(isinstance(x, dict) for x in (rates, timing, sizes, anchors)):
-        raise UsageError(f"{where}: poison_rates, sizes, anchors and timing.json: expected objects")
+    anchors, archs = final.get("anchors") or {}, final.get("archs") or {}
+    if not all(isinstance(x, dict) for x in (rates, timing, sizes, anchors, archs)):
+        raise UsageError(f"{where}: poison_rates, sizes, anchors, archs and timing.json: expected objects")
     nd_val = {str(a): _metrics(m, f"{where}.no_defense.val", ("acc", "asr", "ra"))
               for a, m in ((final.get("no_defense") or {}).get("val") or {}).items()}
     importances: dict[str, float] = {}
@@ -383,4 +384,5 @@ def collect(run_dir: str | Path, **overrides: Any) -> ReportData:
         importances, note,
         verdict(best, default, nd, attacks, asr_threshold=spec.verdict_asr,
                 acc_budget=spec.verdict_acc_drop),
-        warnings(best, space, trials, importances, nd_val, sizes, spec))
+        warnings(best, space, trials, importances, nd_val, sizes, spec),
+        {str(a): str(m) for a, m in archs.items()})

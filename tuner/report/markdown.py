@@ -101,6 +101,16 @@ def _md_warnings(d: ReportData) -> list[str]:
     return ["## Warnings", "", *[f"- {text(w, 400)}" for w in d.warnings], ""]
 
 
+def models(d: ReportData) -> str:
+    """The victims' model: the spec's, or per victim where some came from elsewhere."""
+    by_arch: dict[str, list[str]] = {}
+    for attack, arch in d.archs.items():
+        by_arch.setdefault(arch, []).append(attack)
+    if set(by_arch) <= {d.spec.zoo.arch}:
+        return text(d.spec.zoo.arch)
+    return text("; ".join(f"{arch} ({', '.join(attacks)})" for arch, attacks in by_arch.items()))
+
+
 def _md_search(d: ReportData) -> list[str]:
     s, p = d.spec, d.provenance
     sampler = p.get("sampler") or {}
@@ -108,7 +118,7 @@ def _md_search(d: ReportData) -> list[str]:
     commit = p.get("git_commit")
     rows = [
         ["defense", text(s.defense)], ["dataset", text(s.zoo.dataset)],
-        ["model", text(s.zoo.arch)], ["search attacks", text(", ".join(d.attacks))],
+        ["model", models(d)], ["search attacks", text(", ".join(d.attacks))],
         ["held-out attacks", text(", ".join(d.holdout) or "none")],
         ["poison rate", _rates(d)],
         ["sampler", text(", ".join(f"{k}={v}" for k, v in sampler.items()) or "n/a")],
@@ -258,8 +268,7 @@ def _md_importance(d: ReportData) -> list[str]:
 
 def render_markdown(data: ReportData) -> str:
     s = data.spec
-    lines = [f"# Best-config report: {text(s.defense)} on {text(s.zoo.dataset)} "
-             f"({text(s.zoo.arch)})", ""]
+    lines = [f"# Best-config report: {text(s.defense)} on {text(s.zoo.dataset)} ({models(data)})", ""]
     for part in (_md_verdict, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
                  _md_test, _md_sequela, _md_trials, _md_importance):
         lines += part(data)
