@@ -259,3 +259,28 @@ def test_bpp_dithering_keeps_levels_and_local_brightness(splits) -> None:
     again = restore_attack(splits.info, attack.params(), attack.state())
     assert torch.equal(again.apply(splits.test.x[:4]), attack.apply(splits.test.x[:4]))
     assert not torch.equal(attack.apply(splits.test.x[:4]), make_attack("bpp", splits.info).apply(splits.test.x[:4]))
+
+
+def test_inputaware_victim_builds_are_identical_and_train_at_the_victims_precision(tmp_path, splits,
+                                                                                    monkeypatch) -> None:
+    import contextlib
+
+    from zoo.attacks import inputaware
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording_autocast(device, precision="auto"):
+        seen.append(precision)
+        yield
+
+    monkeypatch.setattr(inputaware, "autocast", recording_autocast)
+    params = {"inputaware": SMALL["inputaware"]}
+    one, two = (get_victims(ZooSpec("digits", zoo_dir=tmp_path / d, recipe=TINY, attack_params=params),
+                            ["inputaware"], splits=splits, device="cpu", progress=False)[0] for d in ("a", "b"))
+    assert one.built and two.built and one.key == two.key
+    assert one.state_dict.keys() == two.state_dict.keys()
+    assert all(torch.equal(one.state_dict[k], two.state_dict[k]) for k in one.state_dict)
+    assert torch.equal(one.bd_test.x, two.bd_test.x)
+    # "auto" on a CPU trains victims in fp32 whatever the CPU's bf16 support (not bf16 on AMX)
+    assert seen and set(seen) == {"fp32"}

@@ -125,7 +125,7 @@ def train_victim(
     train = splits.train.to(device)
     if attack.custom_training:
         attack.fit_victim(model, opt, train, info, poison_rate=poison_rate, recipe=recipe, seed=seed,
-                          device=device, report=bar.update)
+                          device=device, report=bar.update, precision=precision)
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
         return state, time.perf_counter() - start
     data: Split | None = None

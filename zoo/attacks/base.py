@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from zoo.data import DatasetInfo, Split
+from zoo.runtime import Precision
 
 __all__ = ["Attack", "clean_label_count", "poison_count", "poison_indices", "to_uint8"]
 
@@ -172,8 +173,10 @@ class Attack(ABC):
 
     def fit_victim(self, model: torch.nn.Module, opt: torch.optim.Optimizer, train: Split, info: DatasetInfo, *,
                    poison_rate: float, recipe: Any, seed: int, device: torch.device,
-                   report: Callable[[int, float], None]) -> None:
-        """Train ``model`` in place (only for ``custom_training`` attacks); ``report(epoch, loss)``."""
+                   report: Callable[[int, float], None], precision: Precision = "fp32") -> None:
+        """Train ``model`` in place (only for ``custom_training`` attacks); ``report(epoch, loss)``;
+        ``precision`` as the other victims train (fp32 on a CPU, so builds do not depend on its
+        bf16 support)."""
         raise NotImplementedError(f"{self.name} has no own training loop: expected custom_training = True")
 
     # -- the trigger -------------------------------------------------------------------------

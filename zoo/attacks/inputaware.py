@@ -48,11 +48,12 @@ from zoo.attacks._aux import (
 from zoo.attacks.base import to_uint8
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader
-from zoo.runtime import autocast
+from zoo.runtime import Precision, autocast
 
 __all__ = ["Generator", "InputAware", "threshold"]
 
 _EPS = 1e-7
+G_SCHEDULES = ("multistep", "recipe")  # the authors' MultiStepLR, or the classifier's shape
 
 
 def _conv(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
@@ -105,7 +106,7 @@ class InputAware(PreparedAttack):
     name = "inputaware"
     custom_training = True
     _ctor_params = ("width", "depth", "mask_epochs", "mask_density", "lambda_norm", "lambda_div", "g_lr",
-                    "cross_ratio", "batch_size")
+                    "cross_ratio", "batch_size", "g_schedule")
 
     def __init__(
         self,
@@ -122,6 +123,7 @@ class InputAware(PreparedAttack):
         g_lr: float = 0.01,
         cross_ratio: float = 1.0,
         batch_size: int = 128,
+        g_schedule: str = "multistep",
     ) -> None:
         super().__init__(info, target=target, seed=seed)
         small = info.size < 32
@@ -133,6 +135,9 @@ class InputAware(PreparedAttack):
         if self.width < 1 or not 1 <= self.depth <= 4 or self.mask_epochs < 0 or self.batch_size < 2:
             raise ValueError(f"inputaware width {self.width}, depth {self.depth}, mask_epochs {self.mask_epochs}, "
                              f"batch_size {self.batch_size}: expected >= 1, 1..4, >= 0, >= 2")
+        if g_schedule not in G_SCHEDULES:
+            raise ValueError(f"inputaware g_schedule {g_schedule!r}: expected one of {', '.join(G_SCHEDULES)}")
+        self.g_schedule = g_schedule
         if not 0 <= self.cross_ratio or self.g_lr <= 0:
             raise ValueError(f"inputaware cross_ratio {self.cross_ratio}, g_lr {self.g_lr}: expected >= 0 and > 0")
         # Placeholder before prepare: seeded untrained generators (global RNG untouched).
@@ -223,7 +228,7 @@ class InputAware(PreparedAttack):
 
     def fit_victim(self, model: nn.Module, opt: torch.optim.Optimizer, train: Split, info: DatasetInfo, *,
                    poison_rate: float, recipe: Any, seed: int, device: torch.device,
-                   report: Callable[[int, float], None]) -> None:
+                   report: Callable[[int, float], None], precision: Precision = "fp32") -> None:
         self._require()
         self.mask_net.to(device).eval()
         self.pattern_net = self.pattern_net.to(device).train()
@@ -235,13 +240,16 @@ class InputAware(PreparedAttack):
         for epoch in range(recipe.epochs):
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(epoch)
+            if self.g_schedule == "recipe":
+                for group in g_opt.param_groups:
+                    group["lr"] = self.g_lr * recipe.lr_at(epoch) / recipe.lr
             one = DeviceLoader(train, info, batch_size=recipe.batch_size, device=device, seed=seed * 100_003 + epoch)
             two = DeviceLoader(train, info, batch_size=recipe.batch_size, device=device,
                                seed=seed * 100_003 + epoch + 50_000)
             model.train()
             total = 0.0
             for (x, y), (x2, _) in zip(one, two):
-                with autocast(device):
+                with autocast(device, precision):
                     inputs, labels, div = self._batch(x, y, x2, n_bd, n_cross)
                     loss = F.cross_entropy(model(inputs), labels) + self.lambda_div * div
                 opt.zero_grad(set_to_none=True)
@@ -250,7 +258,8 @@ class InputAware(PreparedAttack):
                 opt.step()
                 g_opt.step()
                 total += float(loss.detach())
-            g_sched.step()
+            if self.g_schedule == "multistep":
+                g_sched.step()
             mean = total / max(1, len(one))
             if mean != mean or mean in (float("inf"), float("-inf")):
                 raise RuntimeError(f"inputaware victim diverged at epoch {epoch + 1} (loss {mean}): "
