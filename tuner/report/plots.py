@@ -76,8 +76,9 @@ def pareto_png(data: ReportData) -> bytes:
         val.scatter([p[1] for p in xy], [p[0] for p in xy], color="tab:blue", alpha=0.7,
                     label="trial (all epochs)")
         front = sorted((xy[i] for i in O.pareto_front(xy)), key=lambda p: p[1])
+        # A step: between two front points nothing better was found (no interpolation).
         val.plot([p[1] for p in front], [p[0] for p in front], "-", color="tab:blue", alpha=0.5,
-                 label="Pareto front (ACC up, ASR down)")
+                 drawstyle="steps-post", label="Pareto front (ACC up, ASR down)")
         default = [p for p, t in pts if data.default and t.params == data.default.params]
         if default:
             val.scatter([default[0][1]], [default[0][0]], marker="s", s=90, color="tab:orange",
