@@ -34,7 +34,7 @@ import torch
 
 from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.models import ARCHS
-from zoo.runtime import keep_freed_memory, pick_device
+from zoo.runtime import Precision, keep_freed_memory, pick_device
 
 BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs")
 
@@ -88,7 +88,7 @@ def bench_trial(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     if args.compile:
         from bench.trial import run_compiled
 
-        p = "auto" if args.precision == "both" else args.precision
+        p: Precision = "auto" if args.precision == "both" else args.precision  # argparse's choices
         rows += run_compiled(w, args.arch, device, precision=p, epochs=sizes.epochs, seed=args.seed)
     print(table(rows, ["arch", "device", "precision", "run", "epochs", "seconds",
                        "train_images_per_s", "eval_images_per_s", "acc", "asr"]))

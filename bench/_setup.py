@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -107,7 +108,8 @@ def digits_victims(attacks: tuple[str, ...] = DIGITS_ATTACKS, *, victim_epochs: 
     recipe = None
     if victim_epochs is not None:
         recipe = dataclasses.replace(default_recipe("digits", "cnn"), epochs=victim_epochs)
-    spec = ZooSpec("digits", arch="cnn", seed=seed, zoo_dir=zoo_dir, recipe=recipe,
+    zoo = Path(zoo_dir) if zoo_dir is not None else None
+    spec = ZooSpec("digits", arch="cnn", seed=seed, zoo_dir=zoo, recipe=recipe,
                    attacks=tuple(attacks), clean_ratio=clean_ratio, device="cpu")
     splits = spec.load_splits()
     return splits, get_victims(spec, splits=splits, progress=False)

@@ -28,7 +28,7 @@ from bench._setup import INFO, _draw, _to32
 from defenses import get_defense, make_config
 from zoo.data import Split, load_splits
 from zoo.models import ALIASES, ARCHS, build_model
-from zoo.runtime import use_bf16
+from zoo.runtime import Precision, use_bf16
 
 N_CLEAN = 2500
 DEFAULT_ARCHS = tuple(a for a in ARCHS if a not in ALIASES)
@@ -47,7 +47,7 @@ def load_1min() -> float:
         return float("nan")
 
 
-def fst_epoch(model: torch.nn.Module, clean: Split, precision: str, seed: int,
+def fst_epoch(model: torch.nn.Module, clean: Split, precision: Precision, seed: int,
               batch_size: int) -> None:
     # Paper defaults, no per-dataset override; the batch size is the paper's unless replaced.
     cfg = make_config("fst", {"epochs": 1, "batch_size": batch_size})
@@ -56,7 +56,7 @@ def fst_epoch(model: torch.nn.Module, clean: Split, precision: str, seed: int,
         pass
 
 
-def time_arch(arch: str, clean: Split, precision: str, *, seed: int = 0, steps: int = 0,
+def time_arch(arch: str, clean: Split, precision: Precision, *, seed: int = 0, steps: int = 0,
               batch_size: int = 0) -> dict[str, Any]:
     """One FST epoch of a fresh ``arch`` on ``clean`` (CPU), after a one-batch warm-up;
     ``steps`` > 0: that many steps, scaled to the epoch; ``batch_size`` 0: FST's (128)."""
@@ -86,7 +86,7 @@ def time_arch(arch: str, clean: Split, precision: str, *, seed: int = 0, steps: 
 
 
 def run_archs(archs: tuple[str, ...] = DEFAULT_ARCHS, *, n_clean: int = N_CLEAN, seed: int = 0,
-              precisions: tuple[str, ...] = ("fp32", "auto"), steps: int = 0,
+              precisions: tuple[Precision, ...] = ("fp32", "auto"), steps: int = 0,
               batch_size: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Rows of :func:`time_arch` for every arch and precision, one run at a time."""
     clean = clean_images(n_clean, seed)

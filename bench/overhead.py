@@ -28,11 +28,11 @@ import torch
 
 from bench._setup import DIGITS_ATTACKS
 from tuner.search import run_search
-from tuner.spec import ExperimentSpec
+from tuner.spec import ExperimentSpec, Scheduler
 from zoo.victims import ZooSpec
 
 
-def search_timing(*, defense: str = "ngf", num_samples: int = 16, scheduler: str = "asha",
+def search_timing(*, defense: str = "ngf", num_samples: int = 16, scheduler: Scheduler = "asha",
                   attacks: tuple[str, ...] = DIGITS_ATTACKS, max_epochs: int | None = None,
                   cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0,
                   final_seeds: int = 3, smoke_test: bool = False, zoo_dir: str | None = None,

@@ -55,7 +55,7 @@ class PILDataset(Dataset):
         if self.train:
             img = self._random_crop(img)
             if self.flip and random.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return torch.from_numpy((arr - self.mean) / self.std), self.labels[k]
 
@@ -86,7 +86,7 @@ def run_reference(w: Workload, arch: str, *, epochs: int = 10, batch_size: int =
     torch.nn.init.uniform_(head.bias, -bound, bound)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    kw = {"num_workers": workers, "persistent_workers": workers > 0}
+    kw: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0}
     train = DataLoader(PILDataset(w.clean, w.info, True), batch_size=batch_size, shuffle=True,
                        drop_last=True, **kw)
     test = DataLoader(PILDataset(w.test, w.info, False), batch_size=256, **kw)

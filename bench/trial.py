@@ -17,7 +17,7 @@ from bench._setup import Workload
 from defenses import get_defense, make_config
 from zoo.metrics import evaluate
 from zoo.models import build_model
-from zoo.runtime import use_bf16
+from zoo.runtime import Precision, use_bf16
 
 
 def sync(device: torch.device) -> None:
@@ -26,7 +26,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(w: Workload, arch: str, device: torch.device, *, precision: str = "auto",
+def run_ours(w: Workload, arch: str, device: torch.device, *, precision: Precision = "auto",
              epochs: int = 10, seed: int = 0, compile: bool = False,
              warm: bool = True) -> dict[str, Any]:
     """Our trial loop: device-resident batches, one evaluation at the end (after a warm-up,
@@ -63,7 +63,7 @@ def run_ours(w: Workload, arch: str, device: torch.device, *, precision: str = "
     }
 
 
-def warm_up(w: Workload, arch: str, device: torch.device, precision: str) -> None:
+def warm_up(w: Workload, arch: str, device: torch.device, precision: Precision) -> None:
     """One short untimed run (1 epoch on one batch, one evaluation batch): kernels chosen,
     caches and allocators filled, so the first timed precision is not charged for them."""
     cfg = make_config("fst", {"epochs": 1})
@@ -78,11 +78,11 @@ def warm_up(w: Workload, arch: str, device: torch.device, precision: str) -> Non
     sync(device)
 
 
-def precisions(device: torch.device) -> list[str]:
+def precisions(device: torch.device) -> list[Precision]:
     return ["bf16", "fp32"] if device.type == "cuda" else ["fp32", "bf16"]
 
 
-def run_compiled(w: Workload, arch: str, device: torch.device, *, precision: str = "auto",
+def run_compiled(w: Workload, arch: str, device: torch.device, *, precision: Precision = "auto",
                  epochs: int = 10, seed: int = 0) -> list[dict[str, Any]]:
     """The trial with ``torch.compile``, twice in one process: the first run pays for the
     compilation (a search worker's first trial), the second reuses Dynamo's cache on a fresh

@@ -5,7 +5,7 @@ What is here exists once:
 - configs: re-exported from :mod:`defenses._config` (one type system for every ``Config``);
 - parameters: :func:`select_trainable` (all / head / backbone / last block and head, via
   ``requires_grad``; frozen parts in eval mode), :func:`reinit_head` (PyTorch's default
-  ``nn.Linear`` init, seeded);
+  ``nn.Linear`` init, seeded), :func:`grad_of` (a parameter's gradient after ``backward``);
 - schedules: the lr "at global step t" helpers :func:`cosine_lr` and :func:`multistep_lr`
   (super-fine-tuning's triangular schedule is its algorithm and lives in ``sft.py``);
 - the loop: :func:`fit` draws device batches (one shuffled pass of :class:`zoo.loader.DeviceLoader`,
@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from zoo.classifier import Classifier
 from zoo.config import ConfigError, check, check_common
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader, augment, normalize
@@ -43,6 +44,7 @@ __all__ = [
     "check_common",
     "cosine_lr",
     "fit",
+    "grad_of",
     "multistep_lr",
     "prepare",
     "reinit_head",
@@ -68,7 +70,7 @@ class EpochResult:
 # =============================================================================================
 
 
-def select_trainable(model: nn.Module, which: Trainable) -> list[nn.Parameter]:
+def select_trainable(model: Classifier, which: Trainable) -> list[nn.Parameter]:
     """Set ``requires_grad`` so only ``which`` is tuned, and put the tuned parts in train mode.
 
     ``"last_block"`` tunes ``model.last_block`` and the head. Frozen backbone parts
@@ -77,8 +79,9 @@ def select_trainable(model: nn.Module, which: Trainable) -> list[nn.Parameter]:
     """
     if which not in TRAINABLE:
         raise ConfigError(f"trainable={which!r}: expected one of {', '.join(TRAINABLE)}")
-    parts = {"all": [model], "backbone": [model], "head": [model.head],
-             "last_block": [model.last_block, model.head]}[which]
+    by_which: dict[str, list[nn.Module]] = {"all": [model], "backbone": [model], "head": [model.head],
+                                            "last_block": [model.last_block, model.head]}
+    parts = by_which[which]
     frozen = {id(p) for p in model.head.parameters()} if which == "backbone" else set()
     tuned = {id(p) for m in parts for p in m.parameters()} - frozen
     for p in model.parameters():
@@ -99,6 +102,14 @@ def reinit_head(head: nn.Linear, seed: int) -> None:
         if head.bias is not None:
             b = torch.empty(head.bias.shape).uniform_(-bound, bound, generator=gen)
             head.bias.copy_(b)
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad`` where a step has just filled it with ``backward`` (never None there)."""
+    if p.grad is None:
+        raise RuntimeError(f"a parameter of shape {tuple(p.shape)} has no gradient: "
+                           "expected backward() to have reached it")
+    return p.grad
 
 
 # =============================================================================================
@@ -202,7 +213,7 @@ def prepare(model: nn.Module, device: torch.device | str, precision: str) -> tor
     return device
 
 
-def sgd_on_all(model: nn.Module, device: torch.device | str, precision: str, *, lr: float,
+def sgd_on_all(model: Classifier, device: torch.device | str, precision: str, *, lr: float,
                momentum: float, weight_decay: float
                ) -> tuple[torch.device, list[nn.Parameter], torch.optim.SGD]:
     """The whole-model defenses' setup: prepare, train every parameter, SGD over them."""

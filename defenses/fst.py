@@ -54,8 +54,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from defenses import _engine as E
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
-from zoo.runtime import autocast
+from zoo.runtime import Precision, autocast
 
 NAME = "fst"
 
@@ -141,9 +142,9 @@ def project(w: torch.Tensor, c: torch.Tensor) -> None:
     w.mul_(c / torch.linalg.matrix_norm(w))
 
 
-def fst_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def fst_step(model: Classifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              w_ori: torch.Tensor, c: torch.Tensor, alpha: float, project_norm: bool,
-             precision: str) -> torch.Tensor:
+             precision: Precision) -> torch.Tensor:
     """CE + alpha <W, W_ori>_F, one SGD step, then project ||W||_F back to C."""
     with autocast(x.device, precision):
         ce = F.cross_entropy(model(x), y)
@@ -161,14 +162,14 @@ def fst_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
 
 def run_mode(
     mode: Mode,
-    model: nn.Module,
+    model: Classifier,
     clean: Split,
     info: DatasetInfo,
     cfg: Config | BaselineConfig,
     *,
     seed: int,
     device: torch.device | str,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> Iterator[E.EpochResult]:
     """The official script's loop for one ``--ft_mode``."""
     dev = E.prepare(model, device, precision)
@@ -192,8 +193,8 @@ def run_mode(
     )
 
 
-def run(model: nn.Module, clean: Split, info: DatasetInfo, cfg: Config, *, seed: int,
-        device: torch.device | str, precision: str = "auto") -> Iterator[E.EpochResult]:
+def run(model: Classifier, clean: Split, info: DatasetInfo, cfg: Config, *, seed: int,
+        device: torch.device | str, precision: Precision = "auto") -> Iterator[E.EpochResult]:
     """FST on ``model`` in place; yield after each epoch."""
     return run_mode(MODES[NAME], model, clean, info, cfg, seed=seed, device=device,
                     precision=precision)

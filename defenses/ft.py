@@ -38,8 +38,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from defenses import _engine as E
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
-from zoo.runtime import autocast
+from zoo.runtime import Precision, autocast
 
 NAME = "ft"
 
@@ -70,7 +71,7 @@ class Config:
 
 
 def ft_step(
-    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: Precision
 ) -> torch.Tensor:
     """One SGD step on CE; weight decay and momentum are the optimizer's."""
     with autocast(x.device, precision):
@@ -85,14 +86,14 @@ def ft_step(
 
 
 def run(
-    model: nn.Module,
+    model: Classifier,
     clean: Split,
     info: DatasetInfo,
     cfg: Config,
     *,
     seed: int,
     device: torch.device | str,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> Iterator[E.EpochResult]:
     """Fine-tune all of ``model`` in place on ``clean``; yield after each epoch."""
     dev, _, opt = E.sgd_on_all(model, device, precision, lr=cfg.lr, momentum=cfg.momentum,

@@ -50,8 +50,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from defenses import _engine as E
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
-from zoo.runtime import autocast
+from zoo.runtime import Precision, autocast
 
 NAME = "ftsam"
 
@@ -103,7 +104,7 @@ def smoothed_ce(logits: torch.Tensor, y: torch.Tensor, s: float) -> torch.Tensor
 @torch.no_grad()
 def perturbation(params: Sequence[torch.Tensor], rho: float, adaptive: bool) -> list[torch.Tensor]:
     """e = rho * T_w^2 g / (||T_w g||_2 + 1e-12), T_w = |w| (adaptive) or 1; norm over all."""
-    scaled = [(p.abs() * p.grad if adaptive else p.grad) for p in params]
+    scaled = [(p.abs() * E.grad_of(p) if adaptive else E.grad_of(p)) for p in params]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled]))
     t_w = [p.abs() if adaptive else 1.0 for p in params]
     return [rho * tw * t / (norm + 1e-12) for tw, t in zip(t_w, scaled)]
@@ -124,7 +125,7 @@ def bn_stats_frozen(model: nn.Module) -> Iterator[None]:
 
 
 def sam_step(model: nn.Module, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-             x: torch.Tensor, y: torch.Tensor, cfg: Config, precision: str) -> torch.Tensor:
+             x: torch.Tensor, y: torch.Tensor, cfg: Config, precision: Precision) -> torch.Tensor:
     """One (A)SAM step: ascend to w + e, take the gradient there, step from w."""
     # 1. first pass at w: g, BN running stats updated normally
     with autocast(x.device, precision):
@@ -161,14 +162,14 @@ def lr_schedule(cfg: Config) -> E.LrAt:
 
 
 def run(
-    model: nn.Module,
+    model: Classifier,
     clean: Split,
     info: DatasetInfo,
     cfg: Config,
     *,
     seed: int,
     device: torch.device | str,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> Iterator[E.EpochResult]:
     """FT-SAM on all of ``model`` in place; yield after each epoch."""
     dev, params, opt = E.sgd_on_all(model, device, precision, lr=cfg.lr, momentum=cfg.momentum,

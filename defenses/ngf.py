@@ -96,9 +96,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from defenses import _engine as E
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader
-from zoo.runtime import autocast
+from zoo.runtime import Precision, autocast
 
 NAME = "ngf"
 
@@ -216,8 +217,8 @@ def ngf_precondition(st: KFAC, a1: torch.Tensor, g: torch.Tensor, grad: torch.Te
     return nu * v
 
 
-def ngf_step(model: nn.Module, opt: torch.optim.Optimizer, st: KFAC, ewc: EWC | None,
-             x: torch.Tensor, y: torch.Tensor, cfg: Config, precision: str,
+def ngf_step(model: Classifier, opt: torch.optim.Optimizer, st: KFAC, ewc: EWC | None,
+             x: torch.Tensor, y: torch.Tensor, cfg: Config, precision: Precision,
              gen: torch.Generator) -> torch.Tensor:
     """Back-propagate L; natural gradient on the head, momentum SGD on every updated parameter."""
     head: nn.Linear = model.head
@@ -233,7 +234,7 @@ def ngf_step(model: nn.Module, opt: torch.optim.Optimizer, st: KFAC, ewc: EWC | 
     total.backward()
     a1 = torch.cat([feats.detach(), feats.new_ones(len(feats), 1)], 1)
     g = fisher_grad(z, y, cfg.fisher, gen)
-    grad = torch.cat([head.weight.grad, head.bias.grad[:, None]], 1)
+    grad = torch.cat([E.grad_of(head.weight), E.grad_of(head.bias)[:, None]], 1)
     d = ngf_precondition(st, a1, g, grad, cfg, opt.param_groups[0]["lr"])
     head.weight.grad, head.bias.grad = d[:, :-1].contiguous(), d[:, -1].contiguous()
     if st.steps >= 20 * cfg.t_cov:  # delayed decay, on every updated parameter (the code's _step)
@@ -245,8 +246,8 @@ def ngf_step(model: nn.Module, opt: torch.optim.Optimizer, st: KFAC, ewc: EWC | 
 
 
 def ewc_penalty(params: Sequence[torch.Tensor], fisher: Sequence[torch.Tensor],
-                theta0: Sequence[torch.Tensor], eta_f: float) -> torch.Tensor:
-    """(eta_F / 2) * sum_j F_j (theta_j - theta0_j)^2 over the updated parameters."""
+                theta0: Sequence[torch.Tensor], eta_f: float) -> torch.Tensor | float:
+    """(eta_F / 2) * sum_j F_j (theta_j - theta0_j)^2 over the updated parameters (0.0 over none)."""
     return 0.5 * eta_f * sum((f * (p - p0) ** 2).sum() for f, p, p0 in zip(fisher, params, theta0))
 
 
@@ -285,14 +286,14 @@ def lr_schedule(cfg: Config) -> E.LrAt:
 
 
 def run(
-    model: nn.Module,
+    model: Classifier,
     clean: Split,
     info: DatasetInfo,
     cfg: Config,
     *,
     seed: int,
     device: torch.device | str,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> Iterator[E.EpochResult]:
     """NGF on ``model`` in place (the head, and ``cfg.trainable``'s other parts); yield after
     each epoch."""

@@ -48,11 +48,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from defenses import _engine as E
 from defenses.ft import ft_step
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
+from zoo.runtime import Precision
 
 NAME = "sft"
 
@@ -110,14 +111,14 @@ sft_step = ft_step
 
 
 def run(
-    model: nn.Module,
+    model: Classifier,
     clean: Split,
     info: DatasetInfo,
     cfg: Config,
     *,
     seed: int,
     device: torch.device | str,
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> Iterator[E.EpochResult]:
     """Super-fine-tune all of ``model`` in place; yield after each epoch."""
     dev, _, opt = E.sgd_on_all(model, device, precision, lr=cfg.lr_base, momentum=cfg.momentum,

@@ -159,11 +159,11 @@ class ExperimentSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0.0 <= value <= high:
                 raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
-        for flag, value in (("--max-concurrent", self.max_concurrent),
+        for flag, count in (("--max-concurrent", self.max_concurrent),
                             ("--max-epochs", self.max_epochs),
                             ("--val-subsample", self.val_subsample)):
-            if value is not None:
-                _check_int(flag, value, low=1)
+            if count is not None:
+                _check_int(flag, count, low=1)
         check_gpus_per_trial(self.gpus)
         if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
             raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "

@@ -136,8 +136,8 @@ def _read_digits(root: Path | None, download: bool) -> RawData:
     719 test) stands in for it. 16x16 keeps a 3x3 BadNets patch and WaNet's 4x4 control grid
     meaningful while a small CNN trains in seconds on a CPU.
     """
-    from sklearn.datasets import load_digits  # ~1 s to import: only for this dataset
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]  # ~1 s to import: only for this dataset
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # N,1,8,8

@@ -100,7 +100,8 @@ def _download(name: str, root: Path | None, layout: str, fetch: Callable[[Any, s
     """Fetch ``name`` into ``root`` with torchvision's downloaders."""
     if root is None:
         raise _error(name, root, "--download needs --data-root DIR to download into", layout)
-    import torchvision.datasets as tvd  # ~1 s to import: only when a download is asked for
+    # ~1 s to import: only when a download is asked for
+    import torchvision.datasets as tvd  # type: ignore[import-untyped]
 
     root.mkdir(parents=True, exist_ok=True)
     fetch(tvd, str(root))
@@ -317,7 +318,7 @@ def _load_image(path: Path, size: int | None = None) -> np.ndarray:
         with Image.open(path) as img:
             rgb = img.convert("RGB")
             if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.BILINEAR)
+                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise _Malformed(f"cannot read image {path} ({exc})") from None

@@ -18,7 +18,7 @@ import platform
 import random
 import typing
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ __all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "eval_b
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+_ModelT = TypeVar("_ModelT", bound=torch.nn.Module)
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
@@ -90,7 +92,7 @@ def autocast(device: torch.device, precision: Precision = "auto") -> Iterator[No
         yield
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def prepare_model(model: _ModelT, device: torch.device) -> _ModelT:
     """Move to ``device`` in channels_last; on CUDA let cuDNN pick its fastest kernels."""
     model = model.to(device).to(memory_format=torch.channels_last)
     if device.type == "cuda":

@@ -421,6 +421,13 @@ def _poison_rate(victim: Victim) -> float:
     return float(victim.poison_rate)
 
 
+def _attack(victim: Victim) -> Attack:
+    if victim.attack_obj is None:
+        raise ValueError(f"victim {victim.attack!r} has no trigger to re-tune with: "
+                         "expected a victim of a built-in attack")
+    return victim.attack_obj
+
+
 def sequela(model: nn.Module, victim: Victim, splits: Splits, *, seed: int,
             device: torch.device | str, cfg: RetuneConfig | None = None,
             mia_before: float | None = None, precision: Precision = "auto") -> Sequela:
@@ -434,7 +441,8 @@ def sequela(model: nn.Module, victim: Victim, splits: Splits, *, seed: int,
     """
     start = time.perf_counter()
     dev = torch.device(device)
-    retuned = retuning_attack(model, victim.attack_obj, splits, poison_rate=_poison_rate(victim),
+    rate = _poison_rate(victim)  # before _attack: 'none' and external victims fail on this one
+    retuned = retuning_attack(model, _attack(victim), splits, poison_rate=rate,
                               seed=seed, device=dev, cfg=cfg, triggered=victim.bd_test,
                               precision=precision)
     if mia_before is None:
@@ -452,6 +460,7 @@ def ra_anchors(victim: Victim, clean_model: nn.Module, splits: Splits, *, seed: 
     dev = torch.device(device)
     kw: dict[str, Any] = {"poison_rate": _poison_rate(victim), "seed": seed, "device": dev,
                           "cfg": cfg, "triggered": victim.bd_test, "precision": precision}
-    clean = retuning_attack(clean_model, victim.attack_obj, splits, **kw)
-    undefended = retuning_attack(victim.model(dev), victim.attack_obj, splits, **kw)
+    attack = _attack(victim)
+    clean = retuning_attack(clean_model, attack, splits, **kw)
+    undefended = retuning_attack(victim.model(dev), attack, splits, **kw)
     return Anchors(victim.attack, clean, undefended, time.perf_counter() - start)

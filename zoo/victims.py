@@ -166,7 +166,7 @@ class ZooSpec:
         return load_splits(self.dataset, data_root=self.data_root, seed=self.seed,
                            clean_ratio=self.clean_ratio, download=self.download)
 
-    def victim_precision(self, device: torch.device) -> str:
+    def victim_precision(self, device: torch.device) -> Precision:
         """Victims train in fp32 on CPU, so a store's victims do not depend on the CPU's bf16
         support (the defenses' trials use bf16 where the CPU has it); bf16 on CUDA."""
         return reproducible_precision(device, self.precision)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from optuna.distributions import CategoricalDistribution
-from scipy import stats
+from scipy import stats  # type: ignore[import-untyped]
 
 from tuner import objective as O
 from tuner._io import clip, clip_text, read_json

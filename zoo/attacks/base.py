@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
 from zoo.runtime import Precision
 
@@ -112,6 +113,9 @@ class Attack(ABC):
     custom_training: ClassVar[bool] = False
     _ctor_params: ClassVar[tuple[str, ...]] = ()
     _state_names: ClassVar[tuple[str, ...]] = ()
+    # The clean victim's store key: a constructor keyword of the ``needs_clean_model`` attacks
+    # (in their ``_ctor_params``), which get_victims sets; other attacks have no such attribute.
+    clean_model: str | None
 
     def __init__(self, info: DatasetInfo, *, target: int = 0, seed: int = 0) -> None:
         if not 0 <= int(target) < info.num_classes:
@@ -165,7 +169,7 @@ class Attack(ABC):
     def prepare(
         self,
         splits: Any,
-        clean_model: Callable[[], torch.nn.Module] | None,
+        clean_model: Callable[[], Classifier] | None,
         device: torch.device,
         progress: bool = True,
     ) -> None:

@@ -42,9 +42,9 @@ def load_pattern_image(path: str | Path, info: DatasetInfo) -> torch.Tensor:
     if not path.is_file():
         raise ValueError(f"blend image {str(path)!r} is not a file: expected an image file (PNG, JPEG, ...)")
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if info.channels == 1 else "RGB")
-            img = img.resize((info.size, info.size), Image.BILINEAR)
+        with Image.open(path) as src:
+            img = src.convert("L" if info.channels == 1 else "RGB")
+            img = img.resize((info.size, info.size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except OSError as exc:
         raise ValueError(f"blend image {str(path)!r} cannot be read ({exc}): expected an image file") from None

@@ -83,7 +83,7 @@ from zoo.attacks._aux import PreparedAttack, building_progress, digest, to_model
 from zoo.attacks.base import poison_indices, to_uint8
 from zoo.data import DatasetInfo, Split
 from zoo.loader import augment
-from zoo.runtime import autocast, prepare_model, reproducible_precision
+from zoo.runtime import Precision, autocast, prepare_model, reproducible_precision
 
 __all__ = ["LC", "corner_pattern", "fast_adversarial_training", "pgd_untargeted", "reinitialized"]
 
@@ -145,7 +145,7 @@ def reinitialized(model: nn.Module, seed: int) -> nn.Module:
 
 def fast_adversarial_training(model: nn.Module, train: Split, info: DatasetInfo, *, eps: float, alpha: float,
                               epochs: int, lr: float, batch_size: int, seed: int, device: torch.device,
-                              attack_steps: int = 1, precision: str | None = None,
+                              attack_steps: int = 1, precision: Precision | None = None,
                               report: Callable[[int, float], None] | None = None) -> nn.Module:
     """Adversarial training of ``model`` on ``train`` (Wong et al. 2020's fast FGSM-AT at one step).
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from zoo.attacks._aux import PreparedAttack, building_progress, digest, to_model_input
 from zoo.attacks.base import to_uint8
+from zoo.classifier import Classifier
 from zoo.data import DatasetInfo
 
 __all__ = ["TrojanNN", "square_mask", "top_neurons"]
@@ -80,7 +81,7 @@ class TrojanNN(PreparedAttack):
         # Placeholder before prepare: the optimization's starting point, the mask at full value.
         self.trigger = (self.mask * 255).to(torch.uint8).expand(info.channels, -1, -1).contiguous()
 
-    def prepare(self, splits: Any, clean_model: Callable[[], nn.Module] | None, device: torch.device,
+    def prepare(self, splits: Any, clean_model: Callable[[], Classifier] | None, device: torch.device,
                 progress: bool = True) -> None:
         if clean_model is None:
             raise ValueError("trojannn needs the clean model: expected a clean_model loader from get_victims")
