@@ -49,9 +49,10 @@ from safetensors.torch import save as save_safetensors
 
 __all__ = ["FORMAT_VERSION", "LOCK_TIMEOUT_S", "Entry", "Store", "StoreError", "key"]
 
-FORMAT_VERSION = 3  # bump when the entry layout, what a key describes or a model changes
+FORMAT_VERSION = 4  # bump when the entry layout, what a key describes or a model changes
 # 2: cnn pools after its first convolution on images larger than 16 x 16.
 # 3: preact-resnet18's head is stored as linear.* (BackdoorBench's key name), not head.*.
+# 4: Input-aware victims train in fp32 on a CPU (were bf16 autocast on CPUs with AMX).
 LOCK_TIMEOUT_S = 3600.0  # a victim build on a slow machine fits in an hour
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")

@@ -24,7 +24,8 @@ images: it runs the stored (eval-mode) generators on the CPU in float32 and trun
 x + (G(x) - x) * m to uint8, so the triggered test set is bit-for-bit reproducible from the store;
 training uses the float, un-truncated mix. The classifier's lr schedule is the zoo recipe's
 (BackdoorBench: constant 0.01 over 100 epochs), and its batches get the dataset's standard
-crop/flip before poisoning, as the original's train transform.
+crop/flip before poisoning, as the original's train transform. The joint loop runs at the zoo's
+victim precision (fp32 on a CPU), so a build does not depend on the CPU's bf16 support.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from zoo.runtime import Precision, autocast
 __all__ = ["Generator", "InputAware", "threshold"]
 
 _EPS = 1e-7
-G_SCHEDULES = ("multistep", "recipe")  # the authors' MultiStepLR, or the classifier's shape
 
 
 def _conv(cin: int, cout: int, relu: bool = True) -> nn.Sequential:
@@ -106,7 +106,7 @@ class InputAware(PreparedAttack):
     name = "inputaware"
     custom_training = True
     _ctor_params = ("width", "depth", "mask_epochs", "mask_density", "lambda_norm", "lambda_div", "g_lr",
-                    "cross_ratio", "batch_size", "g_schedule")
+                    "cross_ratio", "batch_size")
 
     def __init__(
         self,
@@ -123,7 +123,6 @@ class InputAware(PreparedAttack):
         g_lr: float = 0.01,
         cross_ratio: float = 1.0,
         batch_size: int = 128,
-        g_schedule: str = "multistep",
     ) -> None:
         super().__init__(info, target=target, seed=seed)
         small = info.size < 32
@@ -135,9 +134,6 @@ class InputAware(PreparedAttack):
         if self.width < 1 or not 1 <= self.depth <= 4 or self.mask_epochs < 0 or self.batch_size < 2:
             raise ValueError(f"inputaware width {self.width}, depth {self.depth}, mask_epochs {self.mask_epochs}, "
                              f"batch_size {self.batch_size}: expected >= 1, 1..4, >= 0, >= 2")
-        if g_schedule not in G_SCHEDULES:
-            raise ValueError(f"inputaware g_schedule {g_schedule!r}: expected one of {', '.join(G_SCHEDULES)}")
-        self.g_schedule = g_schedule
         if not 0 <= self.cross_ratio or self.g_lr <= 0:
             raise ValueError(f"inputaware cross_ratio {self.cross_ratio}, g_lr {self.g_lr}: expected >= 0 and > 0")
         # Placeholder before prepare: seeded untrained generators (global RNG untouched).
@@ -240,9 +236,6 @@ class InputAware(PreparedAttack):
         for epoch in range(recipe.epochs):
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(epoch)
-            if self.g_schedule == "recipe":
-                for group in g_opt.param_groups:
-                    group["lr"] = self.g_lr * recipe.lr_at(epoch) / recipe.lr
             one = DeviceLoader(train, info, batch_size=recipe.batch_size, device=device, seed=seed * 100_003 + epoch)
             two = DeviceLoader(train, info, batch_size=recipe.batch_size, device=device,
                                seed=seed * 100_003 + epoch + 50_000)
@@ -258,8 +251,7 @@ class InputAware(PreparedAttack):
                 opt.step()
                 g_opt.step()
                 total += float(loss.detach())
-            if self.g_schedule == "multistep":
-                g_sched.step()
+            g_sched.step()
             mean = total / max(1, len(one))
             if mean != mean or mean in (float("inf"), float("-inf")):
                 raise RuntimeError(f"inputaware victim diverged at epoch {epoch + 1} (loss {mean}): "
