@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +71,11 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
     assert not list(run.glob("ray/trial_*/events.out.tfevents*"))
     final = json.loads((run / "final.json").read_text())
     assert final["best"]["params"]["epochs"] == 1 and len(final["best"]["runs"]) == 1
+    # one numbering: the console, trials.csv and study.db (optuna-dashboard) name the same trials
+    console = sorted(int(m) for m in re.findall(r"^  trial +(\d+) done", r.stdout, re.M))
+    with open(run / "trials.csv", newline="") as f:
+        rows = {int(row["trial"]): row for row in csv.DictReader(f)}
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{run / 'study.db'}")
+    assert console == sorted(rows) == [t.number for t in study.trials] == [0, 1]
+    for t in study.trials:
+        assert float(rows[t.number]["param_lr"]) == pytest.approx(t.params["lr"])
