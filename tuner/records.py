@@ -21,14 +21,15 @@ from typing import Any, Literal
 from tuner import objective as O
 from tuner.errors import UsageError
 
-__all__ = ["METRICS", "STATES", "State", "TrialRecord", "epoch_report", "flatten",
-           "unflatten", "value_names"]
+__all__ = ["ACC_DROP", "METRICS", "STATES", "State", "TrialRecord", "acc_drop", "epoch_report",
+           "flatten", "least_infeasible", "pick_best", "unflatten", "value_names"]
 
 State = Literal["complete", "pruned", "diverged", "error", "incomplete"]
 STATES: tuple[str, ...] = ("complete", "pruned", "diverged", "error", "incomplete")
 METRICS = ("acc", "asr", "ra", "der")
 ROBUST = "ra_asr"  # val ASR after a re-tuning attack, at a trial's last epoch (--objective robust)
 SCORE = "score"  # what ASHA ranks by and the progress line shows (pareto: the mean rule)
+ACC_DROP = "acc_drop"  # mean val ACC lost against the undefended victims, percentage points
 MAX_TEXT = 300  # characters kept of an error line
 
 
@@ -51,11 +52,22 @@ def unflatten(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def epoch_report(item: Mapping[str, Any], objective: str, planned: int) -> dict[str, Any]:
+def acc_drop(per_attack: Mapping[str, Mapping[str, float]],
+             reference: Mapping[str, float]) -> float | None:
+    """Mean over the attacks of (undefended ACC - defended ACC), percentage points (what
+    ``--max-acc-drop`` bounds); None when no attack has a reference."""
+    drops = [float(reference[a]) - float(m["acc"]) for a, m in per_attack.items()
+             if a in reference and "acc" in m]
+    return sum(drops) / len(drops) if drops else None
+
+
+def epoch_report(item: Mapping[str, Any], objective: str, planned: int,
+                 reference_acc: Mapping[str, float] | None = None) -> dict[str, Any]:
     """What one ``tune.report`` carries for one epoch of ``tuner.evaluation.trial_epochs``.
 
     A diverged victim already carries worst-case metrics (tuner.evaluation), so the values
     stay finite; anything non-finite becomes the objective's sentinel (Optuna refuses NaN).
+    ``reference_acc`` (the undefended victims' val ACC per attack) adds ``acc_drop``.
     """
     diverged = bool(item["diverged"])
     per_attack = item["per_attack"]
@@ -64,9 +76,13 @@ def epoch_report(item: Mapping[str, Any], objective: str, planned: int) -> dict[
     if not all(math.isfinite(v) for v in [*values, score]):
         values, score, diverged = O.diverged_values(objective), float(O.DIVERGED_SCORE), True
     epoch = int(item["epoch"])
-    return {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
-            **flatten(per_attack), "diverged": diverged,
-            "finished": diverged or epoch >= planned}
+    out = {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
+           **flatten(per_attack), "diverged": diverged,
+           "finished": diverged or epoch >= planned}
+    drop = acc_drop(per_attack, reference_acc or {})
+    if drop is not None:
+        out[ACC_DROP] = drop if math.isfinite(drop) else 100.0
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -95,6 +111,7 @@ class TrialRecord:
     seconds: float  #: its wall time
     node: str | None = None
     started_at: float | None = None
+    acc_drop: float | None = None  #: mean val ACC lost against no defense, at its last epoch
     history: tuple[dict[str, Any], ...] = field(default=(), repr=False)  #: one item per epoch
 
     @property
@@ -111,6 +128,13 @@ class TrialRecord:
     def failed(self) -> bool:
         return self.state == "error"
 
+    def feasible(self, max_acc_drop: float | None) -> bool:
+        """Within the accuracy budget (always, without one); a trial with no ``acc_drop`` is
+        not known to be."""
+        if max_acc_drop is None:
+            return True
+        return self.acc_drop is not None and self.acc_drop <= max_acc_drop
+
     @classmethod
     def from_result(cls, *, number: int, trial_id: str, params: Mapping[str, Any],
                     status: str, last: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
@@ -125,7 +149,7 @@ class TrialRecord:
             state = "diverged"
         else:
             state = "complete" if last.get("finished", True) else "pruned"
-        keep = {"epoch", SCORE, "diverged", "finished", "time_total_s"}
+        keep = {"epoch", SCORE, ACC_DROP, "diverged", "finished", "time_total_s"}
         rows = tuple({k: _plain(v) for k, v in row.items()
                       if k in keep or k.startswith("value_") or ("/" in k and
                                                                   not k.startswith("config/"))}
@@ -139,7 +163,8 @@ class TrialRecord:
             per_attack=unflatten(last), diverged=bool(last.get("diverged", False)),
             error=(error or "trial failed")[-MAX_TEXT:] if state == "error" else None,
             seconds=float(last.get("time_total_s", 0.0) or 0.0), node=last.get("node"),
-            started_at=_plain(last.get("started_at")), history=rows)
+            started_at=_plain(last.get("started_at")),
+            acc_drop=_number_or_none(last.get(ACC_DROP)), history=rows)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -177,7 +202,13 @@ class TrialRecord:
                    values=tuple(get.numbers("values")), per_attack=per_attack,
                    diverged=get.flag("diverged"), error=get.text("error", True),
                    seconds=get.number("seconds") or 0.0, node=get.text("node", True),
-                   started_at=get.number("started_at", True), history=tuple(history))
+                   started_at=get.number("started_at", True),
+                   acc_drop=get.number("acc_drop", True), history=tuple(history))
+
+
+def _number_or_none(v: Any) -> float | None:
+    v = _plain(v)
+    return float(v) if _is_number(v) else None
 
 
 def _is_number(v: Any) -> bool:
@@ -228,3 +259,31 @@ class _Reader:
         if isinstance(v, dict):
             return dict(v)
         raise self._bad(key, "an object")
+
+
+# -- choosing the best ---------------------------------------------------------------------
+def pick_best(records: Sequence[TrialRecord], objective: str,
+              max_acc_drop: float | None = None) -> TrialRecord | None:
+    """The best trial that ran all its epochs; ASHA-stopped ones (whose early values are not
+    comparable) only count when no trial completed. With an accuracy budget, the best feasible
+    trial; when none is feasible, the least infeasible (smallest ACC drop, then best score),
+    which the report names as such."""
+    def best(pool: Sequence[TrialRecord]) -> TrialRecord | None:
+        rows = [{"state": r.state, "per_attack": r.per_attack, "diverged": r.diverged,
+                 "error": r.error, "i": i} for i, r in enumerate(pool)]
+        chosen = O.select_best(rows, objective)
+        return None if chosen is None else pool[int(chosen["i"])]
+
+    ok = [r for r in records if r.feasible(max_acc_drop)]
+    chosen = best([r for r in ok if r.finished]) or best(ok)
+    if chosen is not None or max_acc_drop is None:
+        return chosen
+    return least_infeasible(records)
+
+
+def least_infeasible(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The usable, non-diverged trial with the smallest ACC drop (ties: the higher score);
+    finished trials first."""
+    pool = [r for r in records if r.usable and not r.diverged and r.acc_drop is not None]
+    pool = [r for r in pool if r.finished] or pool
+    return min(pool, key=lambda r: (float(r.acc_drop or 0.0), -(r.score or 0.0), r.number), default=None)

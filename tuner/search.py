@@ -38,15 +38,14 @@ import torch
 from tuner import study as S
 from tuner._io import write_json
 from tuner.evaluation import anchors, mia_before, resolve_config, run_config
-from tuner.objective import select_best
-from tuner.records import TrialRecord
+from tuner.records import TrialRecord, least_infeasible, pick_best
 from tuner.report import console_summary, write_report
 from tuner.spaces import Space, space_to_json
 from tuner.spec import ExperimentSpec
 from zoo.data import Splits
 from zoo.victims import Victim, get_victims, prepare_attacks
 
-__all__ = ["final_evaluation", "pick_best", "provenance", "run_search"]
+__all__ = ["final_evaluation", "least_infeasible", "pick_best", "provenance", "run_search"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_FORMAT = 2  # final.json: runs with victim and defense seeds; references; anchors
@@ -83,18 +82,6 @@ def _load_victims(spec: ExperimentSpec, splits: Splits) -> tuple[list[Victim], l
     by_name = {v.attack: v for v in get_victims(zoo, splits=splits, progress=True)}
     return ([by_name[a] for a in spec.attacks], [by_name[a] for a in spec.holdout_attacks],
             time.perf_counter() - start)
-
-
-def pick_best(records: Sequence[TrialRecord], objective: str) -> TrialRecord | None:
-    """The best trial that ran all its epochs; ASHA-stopped ones (whose early values are not
-    comparable) only count when no trial completed."""
-    def best(pool: Sequence[TrialRecord]) -> TrialRecord | None:
-        rows = [{"state": r.state, "per_attack": r.per_attack, "diverged": r.diverged,
-                 "error": r.error, "i": i} for i, r in enumerate(pool)]
-        chosen = select_best(rows, objective)
-        return None if chosen is None else pool[int(chosen["i"])]
-
-    return best([r for r in records if r.finished]) or best(records)
 
 
 @contextlib.contextmanager
@@ -338,9 +325,10 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
             print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
                   f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        S.export(run / "study.db", records, space.distributions, spec.objective, str(spec.name))
+        S.export(run / "study.db", records, space.distributions, spec.objective, str(spec.name),
+                 max_acc_drop=spec.max_acc_drop)
 
-        best = pick_best(records, spec.objective)
+        best = pick_best(records, spec.objective, spec.max_acc_drop)
         val_default = next((r.score for r in records if r.params == default), None)
         if best is None:
             print("no trial finished without error or divergence: only the default is evaluated",

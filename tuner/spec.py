@@ -87,6 +87,12 @@ class ExperimentSpec:
         "score a trial's epochs before its last on a fixed, seeded subset of N clean and N "
         "triggered val images per attack (cheaper early ASHA rungs); the last epoch always "
         "uses all of val", default_text="all of val every epoch", metavar="N", group="search"))
+    max_acc_drop: float | None = field(default=None, metadata=_opt(
+        "accuracy budget: a configuration losing more than D points of mean clean val ACC "
+        "against the undefended victims is infeasible (an Optuna constraint: the sampler learns "
+        "the feasible region; the best configuration is the best feasible one). ASHA still "
+        "stops trials on the score alone", default_text="no budget", metavar="D",
+        group="search"))
     space: Path | None = field(default=None, metadata=_opt(
         "search-space YAML file", default_text="search_spaces/<defense>.yaml", group="search"))
     final_seeds: int = field(default=3, metadata=_opt(
@@ -158,6 +164,12 @@ class ExperimentSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0.0 <= value <= high:
                 raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
+        if self.max_acc_drop is not None:
+            value = self.max_acc_drop
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value <= 100.0:
+                raise UsageError(f"--max-acc-drop {value!r}: expected a number of percentage "
+                                 "points in [0, 100]")
         for flag, value in (("--max-concurrent", self.max_concurrent),
                             ("--max-epochs", self.max_epochs),
                             ("--val-subsample", self.val_subsample)):

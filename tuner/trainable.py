@@ -57,11 +57,12 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
+    reference = {v.attack: float(v.metrics["val"].acc) for v in victims}  # for --max-acc-drop
     for item in (epochs_fn or trial_epochs)(
             spec.defense, params, victims, splits, seed=spec.seed, device=device,
             max_epochs=spec.max_epochs, val_subsample=spec.val_subsample,
             precision=spec.zoo.precision, retune=spec.objective == "robust"):
-        tune.report({**epoch_report(item, spec.objective, planned), **extra})
+        tune.report({**epoch_report(item, spec.objective, planned, reference), **extra})
 
 
 def preload() -> None:
@@ -197,7 +198,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
             time_attr="training_iteration", metric=SCORE, mode="max", max_t=max_t,
             grace_period=1 if max_t < 6 else 2, reduction_factor=3)
         searcher = OptunaSearcher(AskTell(space.distributions, spec.objective, space.default,
-                                          sampler), metric=SCORE)
+                                          sampler, max_acc_drop=spec.max_acc_drop), metric=SCORE)
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, max_concurrent_trials=limit, search_alg=searcher,
             scheduler=scheduler, reuse_actors=True), run_config=tune.RunConfig(

@@ -15,7 +15,7 @@ from tuner import objective as O
 from tuner.records import METRICS
 from tuner.report.collect import ReportData, Result
 
-__all__ = ["PLOTS", "render_console", "render_markdown", "text"]
+__all__ = ["PLOTS", "budget_line", "render_console", "render_markdown", "text"]
 
 PLOTS = {"objective.png": "Objective over trials", "pareto.png": "Mean ACC against mean ASR",
          "importance.png": "Parameter importances"}
@@ -93,6 +93,35 @@ def _md_verdict(d: ReportData) -> list[str]:
              "n/a" if r.ra_asr is None else f"{r.ra_asr:.1f}"] for r in v.attacks]
     return out + table(["attack", "backdoor", "ASR no defense -> best", "ACC lost",
                         "ASR after re-tuning"], rows) + [""]
+
+
+def budget_line(d: ReportData) -> str | None:
+    """One sentence on the accuracy budget, or None without one."""
+    b = d.budget
+    if b is None:
+        return None
+    head = (f"Accuracy budget: at most {b.max_acc_drop:g} points of mean clean val ACC lost "
+            f"against the undefended victims (--max-acc-drop); {b.feasible} of {b.measured} "
+            "trials were feasible.")
+    if b.best_trial is None:
+        return head + " No trial could be chosen."
+    drop = "n/a" if b.best_acc_drop is None else f"{b.best_acc_drop:.2f}"
+    if b.best_feasible:
+        return head + f" The best is the best feasible trial, {b.best_trial} (ACC drop {drop})."
+    return (head + f" NO TRIAL MET THE BUDGET: shown as best is the least infeasible, trial "
+            f"{b.best_trial}, which loses {drop} points of mean val ACC.")
+
+
+def _md_budget(d: ReportData) -> list[str]:
+    line = budget_line(d)
+    if line is None:
+        return []
+    return ["## Accuracy budget", "", f"**{line}**" if d.budget and not d.budget.best_feasible
+            else line, "",
+            "The budget is an Optuna constraint (`Trial.set_constraint`, feasible when the "
+            "drop minus the budget is <= 0): the sampler models the feasible region. ASHA sees "
+            "one scalar, the objective's score, and stops trials on it alone: a feasible trial "
+            "can be stopped early and an infeasible one kept.", ""]
 
 
 def _md_warnings(d: ReportData) -> list[str]:
@@ -232,12 +261,14 @@ def _md_trials(d: ReportData) -> list[str]:
     ranked = sorted((t for t in d.trials if t.score is not None and not t.failed),
                     key=lambda t: (not t.finished, -(t.score or 0.0)))[:10]
     names = list(dict.fromkeys(k for t in ranked for k in t.params))
-    rows = [[str(t.number), t.state, fmt(t.score), str(t.epochs),
+    rows = [[str(t.number), t.state, fmt(t.score), fmt(t.acc_drop), str(t.epochs),
              *[fmt(t.params.get(n), 4) for n in names]] for t in ranked]
     out = ["## Top-10 trials (val)", "",
            "Trials that ran all their epochs first, then those ASHA stopped early (their "
-           "scores are from fewer epochs).", "",
-           *table(["trial", "state", "score", "epochs run", *map(text, names)], rows), ""]
+           "scores are from fewer epochs). ACC drop: mean clean val ACC lost against no "
+           "defense, percentage points.", "",
+           *table(["trial", "state", "score", "ACC drop", "epochs run", *map(text, names)], rows),
+           ""]
     failed = [t for t in d.trials if t.failed]
     if failed:
         out += ["Failed trials:", ""] + [f"- trial {t.number}: {text(t.error or t.state)}"
@@ -260,7 +291,7 @@ def render_markdown(data: ReportData) -> str:
     s = data.spec
     lines = [f"# Best-config report: {text(s.defense)} on {text(s.zoo.dataset)} "
              f"({text(s.zoo.arch)})", ""]
-    for part in (_md_verdict, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
+    for part in (_md_verdict, _md_budget, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
                  _md_test, _md_sequela, _md_trials, _md_importance):
         lines += part(data)
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items()]
@@ -299,5 +330,8 @@ def render_console(d: ReportData) -> str:
                            for k, v in sorted(d.best.params.items()))
         origin = f" (trial {d.best.trial})" if d.best.trial is not None else ""
         lines.append(f"  best configuration{origin}: {params}")
+    line = budget_line(d)
+    if line is not None:
+        lines.append(f"  {line}")
     lines += [f"  warning: {w}" for w in d.warnings]
     return "\n".join(lines)

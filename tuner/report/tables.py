@@ -37,6 +37,7 @@ def summary(d: ReportData) -> dict[str, Any]:
             **dataclasses.asdict(d.verdict),
             "attacks": {r.attack: dataclasses.asdict(r) for r in d.verdict.attacks}},
         "warnings": d.warnings,
+        "budget": None if d.budget is None else dataclasses.asdict(d.budget),
         "best": _result(d.best), "default": _result(d.default),
         "no_defense": {"per_attack": d.no_defense, "per_attack_std": d.no_defense_std},
         "sequela_anchors": d.anchors, "test_sizes": d.sizes,
@@ -62,13 +63,15 @@ def trials_csv(d: ReportData) -> str:
     """One row per trial, numbered as Optuna numbers them; params and last val metrics."""
     names = list(dict.fromkeys(k for t in d.trials for k in t.params))
     attacks = list(dict.fromkeys(a for t in d.trials for a in t.per_attack))
-    header = ["trial", "state", "epochs", "score", "diverged", "error", "seconds", "trial_id"]
+    header = ["trial", "state", "epochs", "score", "acc_drop", "diverged", "error", "seconds",
+              "trial_id"]
     header += [f"param_{n}" for n in names] + [f"{a}_{k}" for a in attacks for k in METRICS]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(header)
     for t in d.trials:
-        row = [t.number, t.state, t.epochs, "" if t.score is None else t.score, t.diverged,
+        row = [t.number, t.state, t.epochs, "" if t.score is None else t.score,
+               "" if t.acc_drop is None else t.acc_drop, t.diverged,
                t.error or "", t.seconds, t.trial_id]
         row += [t.params.get(n, "") for n in names]
         row += [t.per_attack.get(a, {}).get(k, "") for a in attacks for k in METRICS]
