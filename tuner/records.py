@@ -14,6 +14,7 @@ the plots, ``trials.csv`` and the study in ``study.db``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,8 @@ STATES: tuple[str, ...] = ("complete", "pruned", "diverged", "error", "incomplet
 METRICS = ("acc", "asr", "ra", "der")
 ROBUST = "ra_asr"  # val ASR after a re-tuning attack, at a trial's last epoch (--objective robust)
 SCORE = "score"  # what ASHA ranks by and the progress line shows (pareto: the mean rule)
+SEED_SCORES = "seed_scores"  # --trial-seeds: each seed's score at this epoch
+SCORE_STD = "score_std"  # their sample standard deviation
 ACC_DROP = "acc_drop"  # mean val ACC lost against the undefended victims, percentage points
 MAX_TEXT = 300  # characters kept of an error line
 
@@ -79,6 +82,10 @@ def epoch_report(item: Mapping[str, Any], objective: str, planned: int,
     out = {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
            **flatten(per_attack), "diverged": diverged,
            "finished": diverged or epoch >= planned}
+    if item.get("seeds"):  # --trial-seeds: the objective of each seed's metrics, and spread
+        scores = [float(O.score(p, objective)) for p in item["seeds"]]
+        out[SEED_SCORES] = scores
+        out[SCORE_STD] = statistics.stdev(scores) if len(scores) > 1 else 0.0
     drop = acc_drop(per_attack, reference_acc or {})
     if drop is not None:
         out[ACC_DROP] = drop if math.isfinite(drop) else 100.0
@@ -112,6 +119,7 @@ class TrialRecord:
     node: str | None = None
     started_at: float | None = None
     acc_drop: float | None = None  #: mean val ACC lost against no defense, at its last epoch
+    seed_scores: tuple[float, ...] = ()  #: --trial-seeds: each seed's score at its last epoch
     history: tuple[dict[str, Any], ...] = field(default=(), repr=False)  #: one item per epoch
 
     @property
@@ -123,6 +131,11 @@ class TrialRecord:
     def usable(self) -> bool:
         """Has val metrics that describe its configuration (finished or stopped early)."""
         return self.state in ("complete", "pruned") and bool(self.per_attack)
+
+    @property
+    def score_std(self) -> float | None:
+        """Sample std of the per-seed scores (None for one seed)."""
+        return statistics.stdev(self.seed_scores) if len(self.seed_scores) > 1 else None
 
     @property
     def failed(self) -> bool:
@@ -149,7 +162,7 @@ class TrialRecord:
             state = "diverged"
         else:
             state = "complete" if last.get("finished", True) else "pruned"
-        keep = {"epoch", SCORE, ACC_DROP, "diverged", "finished", "time_total_s"}
+        keep = {"epoch", SCORE, SCORE_STD, ACC_DROP, "diverged", "finished", "time_total_s"}
         rows = tuple({k: _plain(v) for k, v in row.items()
                       if k in keep or k.startswith("value_") or ("/" in k and
                                                                   not k.startswith("config/"))}
@@ -164,11 +177,14 @@ class TrialRecord:
             error=(error or "trial failed")[-MAX_TEXT:] if state == "error" else None,
             seconds=float(last.get("time_total_s", 0.0) or 0.0), node=last.get("node"),
             started_at=_plain(last.get("started_at")),
-            acc_drop=_number_or_none(last.get(ACC_DROP)), history=rows)
+            acc_drop=_number_or_none(last.get(ACC_DROP)),
+            seed_scores=tuple(float(v) for v in last.get(SEED_SCORES) or () if _is_number(v)),
+            history=rows)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["values"], out["history"] = list(self.values), list(self.history)
+        out["seed_scores"] = list(self.seed_scores)
         return out
 
     @classmethod
@@ -203,7 +219,8 @@ class TrialRecord:
                    diverged=get.flag("diverged"), error=get.text("error", True),
                    seconds=get.number("seconds") or 0.0, node=get.text("node", True),
                    started_at=get.number("started_at", True),
-                   acc_drop=get.number("acc_drop", True), history=tuple(history))
+                   acc_drop=get.number("acc_drop", True),
+                   seed_scores=tuple(get.numbers("seed_scores")), history=tuple(history))
 
 
 def _number_or_none(v: Any) -> float | None:

@@ -87,6 +87,11 @@ class ExperimentSpec:
         "score a trial's epochs before its last on a fixed, seeded subset of N clean and N "
         "triggered val images per attack (cheaper early ASHA rungs); the last epoch always "
         "uses all of val", default_text="all of val every epoch", metavar="N", group="search"))
+    trial_seeds: int = field(default=1, metadata=_opt(
+        "seeds per trial: each configuration runs with seeds seed..seed+K-1 (each draws its own "
+        "clean subset, as --seed would, and orders training with it) and reports the mean "
+        "metrics; the spread is in the trial's record and the report", metavar="K",
+        group="search"))
     max_acc_drop: float | None = field(default=None, metadata=_opt(
         "accuracy budget: a configuration losing more than D points of mean clean val ACC "
         "against the undefended victims is infeasible (an Optuna constraint: the sampler learns "
@@ -158,6 +163,7 @@ class ExperimentSpec:
     def _check_values(self) -> None:
         _check_int("--num-samples", self.num_samples, low=1)
         _check_int("--final-seeds", self.final_seeds, low=1)
+        _check_int("--trial-seeds", self.trial_seeds, low=1)
         _check_int("--victim-seeds", self.victim_seeds, low=1)
         for flag, value, high in (("--verdict-asr", self.verdict_asr, 100.0),
                                   ("--verdict-acc-drop", self.verdict_acc_drop, 100.0)):

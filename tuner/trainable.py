@@ -30,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from tuner.errors import UsageError
-from tuner.evaluation import planned_epochs, trial_epochs
+from tuner.evaluation import planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
 from tuner.spec import ExperimentSpec, check_reachable
 from tuner.study import AskTell
@@ -58,10 +58,12 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
     reference = {v.attack: float(v.metrics["val"].acc) for v in victims}  # for --max-acc-drop
-    for item in (epochs_fn or trial_epochs)(
-            spec.defense, params, victims, splits, seed=spec.seed, device=device,
-            max_epochs=spec.max_epochs, val_subsample=spec.val_subsample,
-            precision=spec.zoo.precision, retune=spec.objective == "robust"):
+    seeds = list(range(spec.seed, spec.seed + spec.trial_seeds))  # --trial-seeds
+    for item in seeded_epochs(
+            epochs_fn or trial_epochs, spec.defense, params, victims, splits, seeds=seeds,
+            clean_ratio=spec.zoo.clean_ratio, device=device, max_epochs=spec.max_epochs,
+            val_subsample=spec.val_subsample, precision=spec.zoo.precision,
+            retune=spec.objective == "robust"):
         tune.report({**epoch_report(item, spec.objective, planned, reference), **extra})
 
 

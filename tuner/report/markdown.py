@@ -143,6 +143,8 @@ def _md_search(d: ReportData) -> list[str]:
         ["sampler", text(", ".join(f"{k}={v}" for k, v in sampler.items()) or "n/a")],
         ["seed", str(s.seed)], ["scheduler", text(s.scheduler)],
         ["max epochs per trial", str(s.max_epochs or "the defense's own")],
+        ["seeds per trial", f"{s.trial_seeds} (clean-subset draw and training order; val "
+                            "metrics averaged)" if s.trial_seeds > 1 else "1"],
         ["trials", str(len(d.trials))], ["failed trials", str(d.failed)],
         ["diverged trials", str(sum(t.diverged for t in d.trials))],
         ["final runs", f"{d.best.runs} ({d.spec.victim_seeds} victim seed(s) x "
@@ -194,9 +196,17 @@ def _md_best(d: ReportData) -> list[str]:
     origin = f" (trial {d.best.trial})" if d.best.trial is not None else ""
     out = [f"## Best configuration{origin}", "",
            *table(["param", "best", "paper default"], rows), ""]
-    rows = [[label, fmt(r.val_score if r else None),
-             _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
-            for label, r in (("best", d.best), ("paper default", d.default))]
+    by_number = {t.number: t for t in d.trials}
+    default_trial = next((t for t in d.trials if d.default and t.params == d.default.params), None)
+
+    def val(r: Result | None, t: Any) -> str:
+        if r is None:
+            return "n/a"
+        return _score(t) if t is not None and t.score == r.val_score else fmt(r.val_score)
+
+    rows = [[label, val(r, t), _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
+            for label, r, t in (("best", d.best, by_number.get(d.best.trial)),
+                                ("paper default", d.default, default_trial))]
     return out + table(["config", "val score", "test score (mean ± std)"], rows) + [""]
 
 
@@ -261,12 +271,15 @@ def _md_trials(d: ReportData) -> list[str]:
     ranked = sorted((t for t in d.trials if t.score is not None and not t.failed),
                     key=lambda t: (not t.finished, -(t.score or 0.0)))[:10]
     names = list(dict.fromkeys(k for t in ranked for k in t.params))
-    rows = [[str(t.number), t.state, fmt(t.score), fmt(t.acc_drop), str(t.epochs),
+    rows = [[str(t.number), t.state, _score(t), fmt(t.acc_drop), str(t.epochs),
              *[fmt(t.params.get(n), 4) for n in names]] for t in ranked]
     out = ["## Top-10 trials (val)", "",
            "Trials that ran all their epochs first, then those ASHA stopped early (their "
            "scores are from fewer epochs). ACC drop: mean clean val ACC lost against no "
-           "defense, percentage points.", "",
+           "defense, percentage points." + (
+               f" Each trial ran {d.spec.trial_seeds} seeds (--trial-seeds): score is the "
+               "objective of the mean metrics ± the std of the per-seed scores."
+               if d.spec.trial_seeds > 1 else ""), "",
            *table(["trial", "state", "score", "ACC drop", "epochs run", *map(text, names)], rows),
            ""]
     failed = [t for t in d.trials if t.failed]
@@ -275,6 +288,12 @@ def _md_trials(d: ReportData) -> list[str]:
                                          for t in failed]
         out.append("")
     return out
+
+
+def _score(t: Any) -> str:
+    """A trial's val score, with the spread over its seeds (--trial-seeds)."""
+    sd = t.score_std
+    return fmt(t.score) if sd is None or t.score is None else f"{t.score:.2f} ± {sd:.2f}"
 
 
 def _md_importance(d: ReportData) -> list[str]:

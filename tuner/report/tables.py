@@ -29,7 +29,7 @@ def summary(d: ReportData) -> dict[str, Any]:
     return {
         "defense": s.defense, "dataset": s.zoo.dataset, "arch": s.zoo.arch,
         "attacks": d.attacks, "holdout_attacks": d.holdout, "objective": d.objective,
-        "num_trials": len(d.trials), "failed_trials": d.failed,
+        "num_trials": len(d.trials), "failed_trials": d.failed, "trial_seeds": s.trial_seeds,
         "trial_states": {st: sum(t.state == st for t in d.trials)
                          for st in dict.fromkeys(t.state for t in d.trials)},
         "wall_seconds": d.timing.get("wall_seconds"), "provenance": d.provenance,
@@ -63,14 +63,16 @@ def trials_csv(d: ReportData) -> str:
     """One row per trial, numbered as Optuna numbers them; params and last val metrics."""
     names = list(dict.fromkeys(k for t in d.trials for k in t.params))
     attacks = list(dict.fromkeys(a for t in d.trials for a in t.per_attack))
-    header = ["trial", "state", "epochs", "score", "acc_drop", "diverged", "error", "seconds",
-              "trial_id"]
+    header = ["trial", "state", "epochs", "score", "score_std", "seed_scores", "acc_drop",
+              "diverged", "error", "seconds", "trial_id"]
     header += [f"param_{n}" for n in names] + [f"{a}_{k}" for a in attacks for k in METRICS]
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(header)
     for t in d.trials:
         row = [t.number, t.state, t.epochs, "" if t.score is None else t.score,
+               "" if t.score_std is None else t.score_std,
+               ";".join(f"{v:.4g}" for v in t.seed_scores),
                "" if t.acc_drop is None else t.acc_drop, t.diverged,
                t.error or "", t.seconds, t.trial_id]
         row += [t.params.get(n, "") for n in names]
