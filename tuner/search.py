@@ -321,7 +321,9 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         search_s = time.perf_counter() - t1
         write_json(run / "trials.json", [r.to_json() for r in records])
         finished = sum(r.state != "incomplete" for r in records)
-        if finished < spec.num_samples:
+        # A time budget (--budget-seconds) that ran out ends the search with fewer trials.
+        out_of_time = spec.budget_seconds is not None and search_s >= spec.budget_seconds
+        if finished < spec.num_samples and not out_of_time:
             print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
                   f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt

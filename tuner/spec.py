@@ -74,6 +74,11 @@ class ExperimentSpec:
         group="search"))
     num_samples: int = field(default=16, metadata=_opt(
         "number of configurations to try, the paper default first", smoke=2, group="search"))
+    budget_seconds: float | None = field(default=None, metadata=_opt(
+        "time budget of the search, seconds of wall time (Tune's time_budget_s): no trial "
+        "starts after it and running ones stop (recorded as stopped early); the search then "
+        "has at most --num-samples trials", default_text="none: --num-samples trials",
+        metavar="S", group="search"))
     max_concurrent: int | None = field(default=None, metadata=_opt(
         "most trials at once", default_text="as many as the CPUs/GPUs fit", group="search",
         resource=True))
@@ -176,6 +181,12 @@ class ExperimentSpec:
                     or not 0.0 <= value <= 100.0:
                 raise UsageError(f"--max-acc-drop {value!r}: expected a number of percentage "
                                  "points in [0, 100]")
+        if self.budget_seconds is not None and (
+                isinstance(self.budget_seconds, bool)
+                or not isinstance(self.budget_seconds, (int, float))
+                or not (0 < self.budget_seconds < math.inf)):
+            raise UsageError(f"--budget-seconds {self.budget_seconds!r}: expected a finite "
+                             "number of seconds > 0")
         for flag, value in (("--max-concurrent", self.max_concurrent),
                             ("--max-epochs", self.max_epochs),
                             ("--val-subsample", self.val_subsample)):

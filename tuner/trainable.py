@@ -203,6 +203,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                                           sampler, max_acc_drop=spec.max_acc_drop), metric=SCORE)
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, max_concurrent_trials=limit, search_alg=searcher,
+            time_budget_s=spec.budget_seconds,
             scheduler=scheduler, reuse_actors=True), run_config=tune.RunConfig(
             storage_path=str(spec.run_dir), name="ray", verbose=0,
             failure_config=tune.FailureConfig(max_failures=2),
