@@ -57,7 +57,9 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
-    reference = {v.attack: float(v.metrics["val"].acc) for v in victims}  # for --max-acc-drop
+    # The undefended val ACC, what --max-acc-drop measures against (test stand-ins have none).
+    reference = {v.attack: float(v.metrics["val"].acc) for v in victims
+                 if getattr(v, "metrics", None)}
     seeds = list(range(spec.seed, spec.seed + spec.trial_seeds))  # --trial-seeds
     for item in seeded_epochs(
             epochs_fn or trial_epochs, spec.defense, params, victims, splits, seeds=seeds,
