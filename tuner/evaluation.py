@@ -27,16 +27,40 @@ from typing import Any
 import torch
 
 from defenses import get_defense, make_config
+from tuner.records import CPU_SECONDS, DEVICE_SECONDS, GPU_PEAK_MB
 from zoo.data import redraw_clean
 from zoo.metrics import der, evaluate
 from zoo.runtime import Precision
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
 
-__all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
+__all__ = ["DIVERGED_METRICS", "CostMeter", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
            "seeded_epochs", "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
+
+
+class CostMeter:
+    """What a trial spent since it started: CPU seconds of its process (``time.process_time``,
+    every thread), and on CUDA the peak GPU memory (``torch.cuda.max_memory_allocated``).
+
+    ``device_seconds`` is what the trial held of its device: CPU seconds on a CPU trial, wall
+    seconds times its GPU share on a GPU trial.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def read(self, gpus: float = 0.0) -> dict[str, float]:
+        cpu, wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+        out = {CPU_SECONDS: cpu, DEVICE_SECONDS: wall * gpus if self.cuda and gpus else cpu}
+        if self.cuda:
+            out[GPU_PEAK_MB] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
 
 
 def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str | None,

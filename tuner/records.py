@@ -22,8 +22,9 @@ from typing import Any, Literal
 from tuner import objective as O
 from tuner.errors import UsageError
 
-__all__ = ["ACC_DROP", "METRICS", "STATES", "State", "TrialRecord", "acc_drop", "epoch_report",
-           "flatten", "least_infeasible", "pick_best", "unflatten", "value_names"]
+__all__ = ["ACC_DROP", "CPU_SECONDS", "DEVICE_SECONDS", "GPU_PEAK_MB", "METRICS", "STATES",
+           "State", "TrialRecord", "acc_drop", "epoch_report", "flatten", "least_infeasible",
+           "pick_best", "unflatten", "value_names"]
 
 State = Literal["complete", "pruned", "diverged", "error", "incomplete"]
 STATES: tuple[str, ...] = ("complete", "pruned", "diverged", "error", "incomplete")
@@ -32,6 +33,9 @@ ROBUST = "ra_asr"  # val ASR after a re-tuning attack, at a trial's last epoch (
 SCORE = "score"  # what ASHA ranks by and the progress line shows (pareto: the mean rule)
 SEED_SCORES = "seed_scores"  # --trial-seeds: each seed's score at this epoch
 SCORE_STD = "score_std"  # their sample standard deviation
+CPU_SECONDS = "cpu_seconds"  # CPU time of the trial's process since the trial started
+DEVICE_SECONDS = "device_seconds"  # CPU seconds, or wall seconds x GPU share on CUDA
+GPU_PEAK_MB = "gpu_peak_mb"  # peak CUDA memory allocated by the trial, MiB
 ACC_DROP = "acc_drop"  # mean val ACC lost against the undefended victims, percentage points
 MAX_TEXT = 300  # characters kept of an error line
 
@@ -120,6 +124,9 @@ class TrialRecord:
     started_at: float | None = None
     acc_drop: float | None = None  #: mean val ACC lost against no defense, at its last epoch
     seed_scores: tuple[float, ...] = ()  #: --trial-seeds: each seed's score at its last epoch
+    cpu_seconds: float | None = None  #: CPU time of its process (all threads)
+    device_seconds: float | None = None  #: CPU seconds, or wall x GPU share on CUDA
+    gpu_peak_mb: float | None = None  #: peak CUDA memory, MiB (CUDA trials only)
     history: tuple[dict[str, Any], ...] = field(default=(), repr=False)  #: one item per epoch
 
     @property
@@ -179,7 +186,9 @@ class TrialRecord:
             started_at=_plain(last.get("started_at")),
             acc_drop=_number_or_none(last.get(ACC_DROP)),
             seed_scores=tuple(float(v) for v in last.get(SEED_SCORES) or () if _is_number(v)),
-            history=rows)
+            cpu_seconds=_number_or_none(last.get(CPU_SECONDS)),
+            device_seconds=_number_or_none(last.get(DEVICE_SECONDS)),
+            gpu_peak_mb=_number_or_none(last.get(GPU_PEAK_MB)), history=rows)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -220,7 +229,10 @@ class TrialRecord:
                    seconds=get.number("seconds") or 0.0, node=get.text("node", True),
                    started_at=get.number("started_at", True),
                    acc_drop=get.number("acc_drop", True),
-                   seed_scores=tuple(get.numbers("seed_scores")), history=tuple(history))
+                   seed_scores=tuple(get.numbers("seed_scores")),
+                   cpu_seconds=get.number("cpu_seconds", True),
+                   device_seconds=get.number("device_seconds", True),
+                   gpu_peak_mb=get.number("gpu_peak_mb", True), history=tuple(history))
 
 
 def _number_or_none(v: Any) -> float | None:

@@ -304,13 +304,13 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
         default = dict(space.default)
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), time.process_time()
         sets = victim_sets(spec, [*victims, *holdout], splits)
         print(f"final evaluation of the paper default on test (while Ray starts): "
               f"{_runs_text(spec, sets)}", flush=True)
         default_runs = final_evaluation(spec, default, sets, splits)
         refs = references(spec, sets, splits)
-        final_s = time.perf_counter() - t2
+        final_s, final_cpu = time.perf_counter() - t2, time.process_time() - cpu2
 
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
@@ -335,29 +335,38 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         if best is None:
             print("no trial finished without error or divergence: only the default is evaluated",
                   file=sys.stderr)
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), time.process_time()
         final = _final(spec, best, default, default_runs, sets, splits, refs, val_default)
         final_s += time.perf_counter() - t2
+        final_cpu += time.process_time() - cpu2
     write_json(run / "final.json", final)
     write_json(run / "timing.json", timing(
         wall=time.perf_counter() - t0, victims=victim_s, search=search_s, final=final_s,
-        ray_waited=ray_bg.waited, records=records, slots=slots))
+        ray_waited=ray_bg.waited, records=records, slots=slots, final_cpu=final_cpu,
+        victims_built=sum(bool(v.built) for vs in sets for v in vs.victims)))
     report = write_report(run)
     _print_end(spec, report, final, time.perf_counter() - t0)
     return run
 
 
 def timing(*, wall: float, victims: float, search: float, final: float, ray_waited: float,
-           records: Sequence[TrialRecord], slots: int) -> dict[str, Any]:
+           records: Sequence[TrialRecord], slots: int, final_cpu: float = 0.0,
+           victims_built: int = 0) -> dict[str, Any]:
     """``timing.json``. The Ray overhead share is the part of the search's wall time (the
     search, plus what the driver waited for Ray to start or stop) that its ``slots`` did not
-    spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``."""
+    spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``. Cost: the trials'
+    CPU seconds and device-seconds (``TrialRecord``), their peak GPU memory, the final
+    evaluations' CPU seconds (the driver's process) and the victims built by this run."""
     compute = sum(r.seconds for r in records)
     search_wall = search + ray_waited
     share = max(0.0, 1.0 - compute / (slots * search_wall)) if search_wall > 0 and slots else 0.0
     return {"wall_seconds": wall, "victims_seconds": victims, "search_seconds": search,
             "final_seconds": final, "ray_wait_seconds": ray_waited, "trials": len(records),
-            "trial_seconds": compute, "slots": slots, "ray_overhead_share": share}
+            "trial_seconds": compute, "slots": slots, "ray_overhead_share": share,
+            "trial_cpu_seconds": sum(r.cpu_seconds or 0.0 for r in records),
+            "device_seconds": sum(r.device_seconds or 0.0 for r in records),
+            "gpu_peak_mb": max((r.gpu_peak_mb for r in records if r.gpu_peak_mb), default=0.0),
+            "final_cpu_seconds": final_cpu, "victims_built": victims_built}
 
 
 def _print_end(spec: ExperimentSpec, report: Path, final: dict[str, Any], wall: float) -> None:

@@ -30,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from tuner.errors import UsageError
-from tuner.evaluation import planned_epochs, seeded_epochs, trial_epochs
+from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
 from tuner.spec import ExperimentSpec, check_reachable
 from tuner.study import AskTell
@@ -57,6 +57,7 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
+    meter = CostMeter(device)
     # The undefended val ACC, what --max-acc-drop measures against (test stand-ins have none).
     reference = {v.attack: float(v.metrics["val"].acc) for v in victims
                  if getattr(v, "metrics", None)}
@@ -66,7 +67,8 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
             clean_ratio=spec.zoo.clean_ratio, device=device, max_epochs=spec.max_epochs,
             val_subsample=spec.val_subsample, precision=spec.zoo.precision,
             retune=spec.objective == "robust"):
-        tune.report({**epoch_report(item, spec.objective, planned, reference), **extra})
+        tune.report({**epoch_report(item, spec.objective, planned, reference), **extra,
+                     **meter.read(spec.gpus)})
 
 
 def preload() -> None:

@@ -21,6 +21,7 @@ from tuner.records import METRICS
 from tuner.report.collect import ReportData, Result, collect
 from tuner.report.markdown import _pm, _pm_ci, fmt, table, text
 from tuner.report.plots import _figure, _nd_result, _png, _test_point
+from tuner.report.tables import cost
 
 __all__ = ["CompareData", "collect_compare", "compare_json", "compare_png", "render_compare",
            "write_compare"]
@@ -40,14 +41,6 @@ class CompareData:
         """By tuned test score, highest first; runs without a test score last."""
         return sorted(self.runs, key=lambda d: (d.best is None or d.best.score is None,
                                                 -(d.best.score or 0.0) if d.best else 0.0))
-
-
-def cost(d: ReportData) -> dict[str, Any]:
-    """What one defense's search spent: trials, epochs, trial and wall seconds."""
-    return {"trials": len(d.trials), "epochs": sum(t.epochs for t in d.trials),
-            "trial_seconds": sum(t.seconds for t in d.trials),
-            "search_seconds": d.timing.get("search_seconds"),
-            "wall_seconds": d.timing.get("wall_seconds")}
 
 
 def collect_compare(root: str | Path) -> CompareData:
@@ -155,17 +148,35 @@ def _md_ranking(c: CompareData) -> list[str]:
                      _pm_ci(b.score, b.score_std, b.score_ci) if b and b.runs else "n/a",
                      _pm_ci(df.score, df.score_std, df.score_ci) if df and df.runs else "n/a",
                      gain, acc_asr, str(k["trials"]), str(k["epochs"]),
-                     fmt(k["trial_seconds"], 0), fmt(k["wall_seconds"], 0)])
+                     f"{k['trial_seconds']:.0f}", f"{k['device_seconds']:.0f}",
+                     "n/a" if k["wall_seconds"] is None else f"{k['wall_seconds']:.0f}"])
+    nd = _no_defense_line(c)
     missing = ([f"Not finished (run the same command with --resume): "
                 f"{text(', '.join(c.missing))}.", ""] if c.missing else [])
     return ["## Ranking", "",
             "By the tuned configuration's test score (the objective over the search attacks, "
             "mean ± std over the final runs, 95% CI); cost is the search's: trials, epochs "
-            "run by all trials, trial seconds (sum of trial wall times), wall seconds (the "
-            "whole run, final evaluations included).", "",
+            "run by all trials, trial seconds (sum of trial wall times), device-seconds (CPU "
+            "seconds of CPU trials, wall x GPU share of GPU trials), wall seconds (the whole "
+            "run, final evaluations included).", "",
             *table(["rank", "defense", "tuned test score", "paper default test score", "gain",
-                    "tuned ACC / ASR", "trials", "epochs", "trial s", "wall s"], rows),
-            "", *missing]
+                    "tuned ACC / ASR", "trials", "epochs", "trial s", "device s", "wall s"],
+                   rows),
+            "", *nd, *missing]
+
+
+def _no_defense_line(c: CompareData) -> list[str]:
+    """The undefended victims on test, the row every defense is measured against."""
+    if not c.runs:
+        return []
+    d = c.runs[0]
+    nd = {a: m for a, m in d.no_defense.items() if a in d.attacks}
+    if not nd:
+        return []
+    acc, asr = O.values(nd, "pareto")
+    score = O.score({a: {**m, "der": 50.0} for a, m in nd.items()}, d.objective)
+    return [f"No defense (the undefended victims, test): mean ACC {acc:.1f}, mean ASR "
+            f"{asr:.1f}, score {score:.2f}.", ""]
 
 
 def _md_defense(d: ReportData) -> list[str]:

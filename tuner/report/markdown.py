@@ -14,8 +14,9 @@ from optuna.distributions import CategoricalDistribution, distribution_to_json
 from tuner import objective as O
 from tuner.records import METRICS
 from tuner.report.collect import ReportData, Result
+from tuner.report.tables import cost
 
-__all__ = ["PLOTS", "budget_line", "render_console", "render_markdown", "text"]
+__all__ = ["PLOTS", "budget_line", "cost_line", "render_console", "render_markdown", "text"]
 
 PLOTS = {"objective.png": "Objective over trials", "pareto.png": "Mean ACC against mean ASR",
          "importance.png": "Parameter importances"}
@@ -151,11 +152,24 @@ def _md_search(d: ReportData) -> list[str]:
                        f"{d.spec.final_seeds} defense seed(s))" if d.best and d.best.runs
          else "n/a"],
         ["wall time", f"{d.timing['wall_seconds']:.1f} s" if "wall_seconds" in d.timing else "n/a"],
+        ["cost", cost_line(d)],
         ["git commit", text(f"{commit}{' (uncommitted changes)' if p.get('git_dirty') else ''}")
          if commit else "n/a"],
         ["versions", text(", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a")],
     ]
     return ["## Search", "", *table(["setting", "value"], rows), ""]
+
+
+def cost_line(d: ReportData) -> str:
+    """What the run spent, in one line (``summary.json`` ``cost``)."""
+    k = cost(d)
+    gpu = f", GPU peak {k['gpu_peak_mb']:.0f} MiB" if k["gpu_peak_mb"] else ""
+    final = (f"; final evaluations {k['final_seconds']:.1f} s wall, "
+             f"{k['final_cpu_seconds'] or 0.0:.1f} CPU-s" if k["final_seconds"] is not None else "")
+    built = (f"; {k['victims_built']} victim(s) built" if k["victims_built"] is not None else "")
+    return (f"search: {k['trials']} trials, {k['epochs']} epochs, {k['trial_seconds']:.1f} s "
+            f"trial wall, {k['trial_cpu_seconds']:.1f} CPU-s, {k['device_seconds']:.1f} "
+            f"device-s{gpu}{final}{built}")
 
 
 def _md_objective(d: ReportData) -> list[str]:
