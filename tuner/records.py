@@ -83,9 +83,9 @@ def epoch_report(item: Mapping[str, Any], objective: str, planned: int,
     if not all(math.isfinite(v) for v in [*values, score]):
         values, score, diverged = O.diverged_values(objective), float(O.DIVERGED_SCORE), True
     epoch = int(item["epoch"])
-    out = {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
-           **flatten(per_attack), "diverged": diverged,
-           "finished": diverged or epoch >= planned}
+    out: dict[str, Any] = {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
+                           **flatten(per_attack), "diverged": diverged,
+                           "finished": diverged or epoch >= planned}
     if item.get("seeds"):  # --trial-seeds: the objective of each seed's metrics, and spread
         scores = [float(O.score(p, objective)) for p in item["seeds"]]
         out[SEED_SCORES] = scores

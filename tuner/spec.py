@@ -175,12 +175,11 @@ class ExperimentSpec:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0.0 <= value <= high:
                 raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
-        if self.max_acc_drop is not None:
-            value = self.max_acc_drop
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not 0.0 <= value <= 100.0:
-                raise UsageError(f"--max-acc-drop {value!r}: expected a number of percentage "
-                                 "points in [0, 100]")
+        drop = self.max_acc_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float))
+                                 or not 0.0 <= drop <= 100.0):
+            raise UsageError(f"--max-acc-drop {drop!r}: expected a number of percentage points "
+                             "in [0, 100]")
         if self.budget_seconds is not None and (
                 isinstance(self.budget_seconds, bool)
                 or not isinstance(self.budget_seconds, (int, float))

@@ -219,7 +219,7 @@ def _md_best(d: ReportData) -> list[str]:
         return _score(t) if t is not None and t.score == r.val_score else fmt(r.val_score)
 
     rows = [[label, val(r, t), _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
-            for label, r, t in (("best", d.best, by_number.get(d.best.trial)),
+            for label, r, t in (("best", d.best, by_number.get(-1 if d.best.trial is None else d.best.trial)),
                                 ("paper default", d.default, default_trial))]
     return out + table(["config", "val score", "test score (mean ± std)"], rows) + [""]
 
