@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,13 @@ def run_compare(c: Comparison) -> Path:
             continue
         print(f"\ncompare: searching {spec.defense} ({c.searches.index(spec) + 1}/"
               f"{len(c.searches)})", flush=True)
-        run_search(spec)
+        try:
+            run_search(spec)
+        except KeyboardInterrupt:
+            print(f"compare stopped in {spec.defense}; continue it with the same command and "
+                  f"--output {c.root.parent} --name {c.root.name} --resume", file=sys.stderr,
+                  flush=True)
+            raise
     path = write_compare(c.root)
     print(f"\ncomparison: {path}")
     print((c.root / "compare.md").read_text().split("## Ranking", 1)[-1].split("\n## ")[0])
