@@ -58,3 +58,10 @@ def test_cost_columns_in_trials_csv_and_cost_in_the_report_header(tmp_path: Path
             "evaluations 4.0 s wall, 3.5 CPU-s; 2 victim(s) built") in md
     cost = json.loads((tmp_path / "summary.json").read_text())["cost"]
     assert cost["device_seconds"] == pytest.approx(5.0) and cost["victims_built"] == 2
+
+
+def test_a_trial_the_time_budget_stopped_before_its_first_epoch_is_incomplete() -> None:
+    rec = TrialRecord.from_result(number=3, trial_id="t3", params={"lr": 0.01},
+                                  status="TERMINATED", last={}, history=[], objective="mean",
+                                  error=None)
+    assert rec.state == "incomplete" and not rec.usable

@@ -163,8 +163,8 @@ class TrialRecord:
         its last reported result and the per-epoch results."""
         if status == "ERROR":
             state: State = "error"
-        elif status != "TERMINATED":
-            state = "incomplete"
+        elif status != "TERMINATED" or SCORE not in last:
+            state = "incomplete"  # not ended, or ended before its first epoch (a time budget)
         elif last.get("diverged"):
             state = "diverged"
         else:
