@@ -122,7 +122,9 @@ def _md_budget(d: ReportData) -> list[str]:
             "The budget is an Optuna constraint (`Trial.set_constraint`, feasible when the "
             "drop minus the budget is <= 0): the sampler models the feasible region. ASHA sees "
             "one scalar, the objective's score, and stops trials on it alone: a feasible trial "
-            "can be stopped early and an infeasible one kept.", ""]
+            "can be stopped early and an infeasible one kept. A trial ASHA stopped carries the "
+            "ACC drop of the epoch it stopped at, usually larger than where it would have "
+            "ended, so the sampler sees it as less feasible than it may be.", ""]
 
 
 def _md_warnings(d: ReportData) -> list[str]:
