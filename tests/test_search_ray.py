@@ -290,7 +290,8 @@ def test_ray_start_error_surfaces_at_ready_and_exit_is_clean(tmp_path: Path) -> 
 def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
     from tuner.search import timing
 
-    records = [SimpleNamespace(seconds=6.0), SimpleNamespace(seconds=12.0)]
+    records = [SimpleNamespace(seconds=s, cpu_seconds=s, device_seconds=s, gpu_peak_mb=None)
+               for s in (6.0, 12.0)]
     t = timing(wall=30.0, victims=1.0, search=9.0, final=5.0, ray_waited=1.0, records=records, slots=2)
     assert t["trial_seconds"] == 18.0 and t["ray_overhead_share"] == pytest.approx(1 - 18 / 20)
     assert timing(wall=1.0, victims=0, search=0.0, final=0, ray_waited=0.0, records=[],

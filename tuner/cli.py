@@ -1,5 +1,5 @@
 """Command line: ``python -m tuner [search flags]`` (the search) and the subcommands
-``zoo``, ``evaluate``, ``report``, ``import-backdoorbench`` and ``purify``.
+``compare``, ``zoo``, ``evaluate``, ``report``, ``import-backdoorbench`` and ``purify``.
 
 Every subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``main(args) -> int``. Bad input raises :class:`UsageError` (or a library error carrying the
@@ -20,6 +20,8 @@ from zoo.runtime import keep_freed_memory
 
 COMMANDS = {
     "search": ("tuner.cmd_search", "run a hyperparameter search (the default command)"),
+    "compare": ("tuner.cmd_compare", "search several defenses with the same victims, seeds and "
+                "budget, then compare them"),
     "zoo": ("tuner.cmd_zoo", "build or load the backdoored victims and print their metrics"),
     "evaluate": ("tuner.cmd_evaluate", "run one defense configuration on every victim"),
     "report": ("tuner.cmd_report", "re-render the report of a finished run, without Ray"),

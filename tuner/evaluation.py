@@ -3,6 +3,9 @@
 - :func:`trial_epochs` drives a search trial: one model and one defense generator per victim,
   advanced one epoch at a time in turn (victims interleaved), each model evaluated on the
   validation split after every epoch.
+- :func:`seeded_epochs` runs a trial's configuration with several seeds (``--trial-seeds``):
+  each seed draws its own clean subset and orders training with its own seed; each epoch
+  yields the metrics averaged over the seeds, with each seed's under ``"seeds"``.
 - :func:`run_config` runs a configuration to the end and measures it once, on test (the final
   evaluation and ``python -m tuner evaluate``) or val.
 
@@ -24,17 +27,41 @@ from typing import Any
 import torch
 
 from defenses import get_defense, make_config
-from zoo.data import Split, Splits
+from tuner.records import CPU_SECONDS, DEVICE_SECONDS, GPU_PEAK_MB
+from zoo.data import Split, Splits, redraw_clean
 from zoo.metrics import der, evaluate
 from zoo.runtime import Precision
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
 from zoo.victims import Victim
 
-__all__ = ["DIVERGED_METRICS", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
-           "subsample_index", "trial_epochs"]
+__all__ = ["DIVERGED_METRICS", "CostMeter", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
+           "seeded_epochs", "subsample_index", "trial_epochs"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
+
+
+class CostMeter:
+    """What a trial spent since it started: CPU seconds of its process (``time.process_time``,
+    every thread), and on CUDA the peak GPU memory (``torch.cuda.max_memory_allocated``).
+
+    ``device_seconds`` is what the trial held of its device: CPU seconds on a CPU trial, wall
+    seconds times its GPU share on a GPU trial.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def read(self, gpus: float = 0.0) -> dict[str, float]:
+        cpu, wall = time.process_time() - self.cpu0, time.perf_counter() - self.wall0
+        out = {CPU_SECONDS: cpu, DEVICE_SECONDS: wall * gpus if self.cuda and gpus else cpu}
+        if self.cuda:
+            out[GPU_PEAK_MB] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
 
 
 def resolve_config(defense: str, params: Mapping[str, Any] | None, dataset: str | None,
@@ -162,6 +189,54 @@ def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, floa
         "diverged_attacks": diverged,
         "loss": sum(losses) / len(losses) if losses else None,
     }
+
+
+def seeded_epochs(epochs_fn: Any, defense: str, params: Mapping[str, Any] | None,
+                  victims: Sequence[Any], splits: Any, *, seeds: Sequence[int],
+                  clean_ratio: float | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
+    """``epochs_fn`` (:func:`trial_epochs`) once per seed, advanced together.
+
+    Seed ``s`` fine-tunes on the clean subset that ``--seed s`` draws (the first seed keeps
+    ``splits``' own, so one seed is exactly :func:`trial_epochs`) with the defense seeded by
+    ``s`` (the training order). Each item: ``per_attack`` the mean over the seeds of each
+    metric, ``diverged`` if any seed diverged, and ``seeds`` the per-seed ``per_attack``.
+    A seed whose run ended early (every victim diverged) keeps its last metrics.
+    """
+    first, *rest = seeds
+    if not rest:
+        yield from epochs_fn(defense, params, victims, splits, seed=first, **kwargs)
+        return
+    streams = [epochs_fn(defense, params, victims, splits, seed=first, **kwargs)]
+    streams += [epochs_fn(defense, params, victims,
+                          redraw_clean(splits, seed=s, dataset=splits.info.name,
+                                       clean_ratio=clean_ratio), seed=s, **kwargs)
+                for s in rest]
+    last: list[dict[str, Any] | None] = [None] * len(streams)
+    live = [True] * len(streams)
+    while True:
+        for i, stream in enumerate(streams):
+            if live[i]:
+                item = next(stream, None)
+                if item is None:
+                    live[i] = False
+                else:
+                    last[i] = item
+        if not any(live) or any(item is None for item in last):
+            return
+        yield _mean_item([item for item in last if item is not None])
+
+
+def _mean_item(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    per_seed = [item["per_attack"] for item in items]
+    attacks = [a for a in per_seed[0] if all(a in p for p in per_seed)]
+    mean = {a: {k: sum(p[a][k] for p in per_seed) / len(per_seed) for k in per_seed[0][a]
+                if all(k in p[a] for p in per_seed)} for a in attacks}
+    losses = [item["loss"] for item in items if item.get("loss") is not None]
+    return {**items[0], "epoch": max(int(item["epoch"]) for item in items), "per_attack": mean,
+            "diverged": any(item["diverged"] for item in items),
+            "diverged_attacks": sorted({a for item in items
+                                        for a in item.get("diverged_attacks", [])}),
+            "loss": sum(losses) / len(losses) if losses else None, "seeds": per_seed}
 
 
 def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Victim],

@@ -14,6 +14,7 @@ the plots, ``trials.csv`` and the study in ``study.db``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -21,14 +22,21 @@ from typing import Any, Literal
 from tuner import objective as O
 from tuner.errors import UsageError
 
-__all__ = ["METRICS", "STATES", "State", "TrialRecord", "epoch_report", "flatten",
-           "unflatten", "value_names"]
+__all__ = ["ACC_DROP", "CPU_SECONDS", "DEVICE_SECONDS", "GPU_PEAK_MB", "METRICS", "STATES",
+           "State", "TrialRecord", "acc_drop", "epoch_report", "flatten", "least_infeasible",
+           "pick_best", "unflatten", "value_names"]
 
 State = Literal["complete", "pruned", "diverged", "error", "incomplete"]
 STATES: tuple[str, ...] = ("complete", "pruned", "diverged", "error", "incomplete")
 METRICS = ("acc", "asr", "ra", "der")
 ROBUST = "ra_asr"  # val ASR after a re-tuning attack, at a trial's last epoch (--objective robust)
 SCORE = "score"  # what ASHA ranks by and the progress line shows (pareto: the mean rule)
+SEED_SCORES = "seed_scores"  # --trial-seeds: each seed's score at this epoch
+SCORE_STD = "score_std"  # their sample standard deviation
+CPU_SECONDS = "cpu_seconds"  # CPU time of the trial's process since the trial started
+DEVICE_SECONDS = "device_seconds"  # CPU seconds, or wall seconds x GPU share on CUDA
+GPU_PEAK_MB = "gpu_peak_mb"  # peak CUDA memory allocated by the trial, MiB
+ACC_DROP = "acc_drop"  # mean val ACC lost against the undefended victims, percentage points
 MAX_TEXT = 300  # characters kept of an error line
 
 
@@ -51,11 +59,22 @@ def unflatten(metrics: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def epoch_report(item: Mapping[str, Any], objective: str, planned: int) -> dict[str, Any]:
+def acc_drop(per_attack: Mapping[str, Mapping[str, float]],
+             reference: Mapping[str, float]) -> float | None:
+    """Mean over the attacks of (undefended ACC - defended ACC), percentage points (what
+    ``--max-acc-drop`` bounds); None when no attack has a reference."""
+    drops = [float(reference[a]) - float(m["acc"]) for a, m in per_attack.items()
+             if a in reference and "acc" in m]
+    return sum(drops) / len(drops) if drops else None
+
+
+def epoch_report(item: Mapping[str, Any], objective: str, planned: int,
+                 reference_acc: Mapping[str, float] | None = None) -> dict[str, Any]:
     """What one ``tune.report`` carries for one epoch of ``tuner.evaluation.trial_epochs``.
 
     A diverged victim already carries worst-case metrics (tuner.evaluation), so the values
     stay finite; anything non-finite becomes the objective's sentinel (Optuna refuses NaN).
+    ``reference_acc`` (the undefended victims' val ACC per attack) adds ``acc_drop``.
     """
     diverged = bool(item["diverged"])
     per_attack = item["per_attack"]
@@ -64,9 +83,17 @@ def epoch_report(item: Mapping[str, Any], objective: str, planned: int) -> dict[
     if not all(math.isfinite(v) for v in [*values, score]):
         values, score, diverged = O.diverged_values(objective), float(O.DIVERGED_SCORE), True
     epoch = int(item["epoch"])
-    return {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
-            **flatten(per_attack), "diverged": diverged,
-            "finished": diverged or epoch >= planned}
+    out: dict[str, Any] = {"epoch": epoch, SCORE: score, **dict(zip(value_names(objective), values)),
+                           **flatten(per_attack), "diverged": diverged,
+                           "finished": diverged or epoch >= planned}
+    if item.get("seeds"):  # --trial-seeds: the objective of each seed's metrics, and spread
+        scores = [float(O.score(p, objective)) for p in item["seeds"]]
+        out[SEED_SCORES] = scores
+        out[SCORE_STD] = statistics.stdev(scores) if len(scores) > 1 else 0.0
+    drop = acc_drop(per_attack, reference_acc or {})
+    if drop is not None:
+        out[ACC_DROP] = drop if math.isfinite(drop) else 100.0
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -95,6 +122,11 @@ class TrialRecord:
     seconds: float  #: its wall time
     node: str | None = None
     started_at: float | None = None
+    acc_drop: float | None = None  #: mean val ACC lost against no defense, at its last epoch
+    seed_scores: tuple[float, ...] = ()  #: --trial-seeds: each seed's score at its last epoch
+    cpu_seconds: float | None = None  #: CPU time of its process (all threads)
+    device_seconds: float | None = None  #: CPU seconds, or wall x GPU share on CUDA
+    gpu_peak_mb: float | None = None  #: peak CUDA memory, MiB (CUDA trials only)
     history: tuple[dict[str, Any], ...] = field(default=(), repr=False)  #: one item per epoch
 
     @property
@@ -108,8 +140,20 @@ class TrialRecord:
         return self.state in ("complete", "pruned") and bool(self.per_attack)
 
     @property
+    def score_std(self) -> float | None:
+        """Sample std of the per-seed scores (None for one seed)."""
+        return statistics.stdev(self.seed_scores) if len(self.seed_scores) > 1 else None
+
+    @property
     def failed(self) -> bool:
         return self.state == "error"
+
+    def feasible(self, max_acc_drop: float | None) -> bool:
+        """Within the accuracy budget (always, without one); a trial with no ``acc_drop`` is
+        not known to be."""
+        if max_acc_drop is None:
+            return True
+        return self.acc_drop is not None and self.acc_drop <= max_acc_drop
 
     @classmethod
     def from_result(cls, *, number: int, trial_id: str, params: Mapping[str, Any],
@@ -119,13 +163,13 @@ class TrialRecord:
         its last reported result and the per-epoch results."""
         if status == "ERROR":
             state: State = "error"
-        elif status != "TERMINATED":
-            state = "incomplete"
+        elif status != "TERMINATED" or SCORE not in last:
+            state = "incomplete"  # not ended, or ended before its first epoch (a time budget)
         elif last.get("diverged"):
             state = "diverged"
         else:
             state = "complete" if last.get("finished", True) else "pruned"
-        keep = {"epoch", SCORE, "diverged", "finished", "time_total_s"}
+        keep = {"epoch", SCORE, SCORE_STD, ACC_DROP, "diverged", "finished", "time_total_s"}
         rows = tuple({k: _plain(v) for k, v in row.items()
                       if k in keep or k.startswith("value_") or ("/" in k and
                                                                   not k.startswith("config/"))}
@@ -139,11 +183,17 @@ class TrialRecord:
             per_attack=unflatten(last), diverged=bool(last.get("diverged", False)),
             error=(error or "trial failed")[-MAX_TEXT:] if state == "error" else None,
             seconds=float(last.get("time_total_s", 0.0) or 0.0), node=last.get("node"),
-            started_at=_plain(last.get("started_at")), history=rows)
+            started_at=_plain(last.get("started_at")),
+            acc_drop=_number_or_none(last.get(ACC_DROP)),
+            seed_scores=tuple(float(v) for v in last.get(SEED_SCORES) or () if _is_number(v)),
+            cpu_seconds=_number_or_none(last.get(CPU_SECONDS)),
+            device_seconds=_number_or_none(last.get(DEVICE_SECONDS)),
+            gpu_peak_mb=_number_or_none(last.get(GPU_PEAK_MB)), history=rows)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["values"], out["history"] = list(self.values), list(self.history)
+        out["seed_scores"] = list(self.seed_scores)
         return out
 
     @classmethod
@@ -177,7 +227,17 @@ class TrialRecord:
                    values=tuple(get.numbers("values")), per_attack=per_attack,
                    diverged=get.flag("diverged"), error=get.text("error", True),
                    seconds=get.number("seconds") or 0.0, node=get.text("node", True),
-                   started_at=get.number("started_at", True), history=tuple(history))
+                   started_at=get.number("started_at", True),
+                   acc_drop=get.number("acc_drop", True),
+                   seed_scores=tuple(get.numbers("seed_scores")),
+                   cpu_seconds=get.number("cpu_seconds", True),
+                   device_seconds=get.number("device_seconds", True),
+                   gpu_peak_mb=get.number("gpu_peak_mb", True), history=tuple(history))
+
+
+def _number_or_none(v: Any) -> float | None:
+    v = _plain(v)
+    return float(v) if _is_number(v) else None
 
 
 def _is_number(v: Any) -> bool:
@@ -228,3 +288,31 @@ class _Reader:
         if isinstance(v, dict):
             return dict(v)
         raise self._bad(key, "an object")
+
+
+# -- choosing the best ---------------------------------------------------------------------
+def pick_best(records: Sequence[TrialRecord], objective: str,
+              max_acc_drop: float | None = None) -> TrialRecord | None:
+    """The best trial that ran all its epochs; ASHA-stopped ones (whose early values are not
+    comparable) only count when no trial completed. With an accuracy budget, the best feasible
+    trial; when none is feasible, the least infeasible (smallest ACC drop, then best score),
+    which the report names as such."""
+    def best(pool: Sequence[TrialRecord]) -> TrialRecord | None:
+        rows = [{"state": r.state, "per_attack": r.per_attack, "diverged": r.diverged,
+                 "error": r.error, "i": i} for i, r in enumerate(pool)]
+        chosen = O.select_best(rows, objective)
+        return None if chosen is None else pool[int(chosen["i"])]
+
+    ok = [r for r in records if r.feasible(max_acc_drop)]
+    chosen = best([r for r in ok if r.finished]) or best(ok)
+    if chosen is not None or max_acc_drop is None:
+        return chosen
+    return least_infeasible(records)
+
+
+def least_infeasible(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The usable, non-diverged trial with the smallest ACC drop (ties: the higher score);
+    finished trials first."""
+    pool = [r for r in records if r.usable and not r.diverged and r.acc_drop is not None]
+    pool = [r for r in pool if r.finished] or pool
+    return min(pool, key=lambda r: (float(r.acc_drop or 0.0), -(r.score or 0.0), r.number), default=None)

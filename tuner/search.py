@@ -38,15 +38,14 @@ import torch
 from tuner import study as S
 from tuner._io import write_json
 from tuner.evaluation import anchors, mia_before, resolve_config, run_config
-from tuner.objective import select_best
-from tuner.records import TrialRecord
+from tuner.records import TrialRecord, least_infeasible, pick_best
 from tuner.report import console_summary, write_report
 from tuner.spaces import Space, space_to_json
 from tuner.spec import ExperimentSpec
 from zoo.data import Splits
 from zoo.victims import Victim, get_victims, prepare_attacks
 
-__all__ = ["final_evaluation", "pick_best", "provenance", "run_search"]
+__all__ = ["final_evaluation", "least_infeasible", "pick_best", "provenance", "run_search"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL_FORMAT = 2  # final.json: runs with victim and defense seeds; references; anchors
@@ -83,18 +82,6 @@ def _load_victims(spec: ExperimentSpec, splits: Splits) -> tuple[list[Victim], l
     by_name = {v.attack: v for v in get_victims(zoo, splits=splits, progress=True)}
     return ([by_name[a] for a in spec.attacks], [by_name[a] for a in spec.holdout_attacks],
             time.perf_counter() - start)
-
-
-def pick_best(records: Sequence[TrialRecord], objective: str) -> TrialRecord | None:
-    """The best trial that ran all its epochs; ASHA-stopped ones (whose early values are not
-    comparable) only count when no trial completed."""
-    def best(pool: Sequence[TrialRecord]) -> TrialRecord | None:
-        rows = [{"state": r.state, "per_attack": r.per_attack, "diverged": r.diverged,
-                 "error": r.error, "i": i} for i, r in enumerate(pool)]
-        chosen = select_best(rows, objective)
-        return None if chosen is None else pool[int(chosen["i"])]
-
-    return best([r for r in records if r.finished]) or best(records)
 
 
 @contextlib.contextmanager
@@ -318,13 +305,13 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
         default = dict(space.default)
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), time.process_time()
         sets = victim_sets(spec, [*victims, *holdout], splits)
         print(f"final evaluation of the paper default on test (while Ray starts): "
               f"{_runs_text(spec, sets)}", flush=True)
         default_runs = final_evaluation(spec, default, sets, splits)
         refs = references(spec, sets, splits)
-        final_s = time.perf_counter() - t2
+        final_s, final_cpu = time.perf_counter() - t2, time.process_time() - cpu2
 
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
@@ -335,40 +322,52 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         search_s = time.perf_counter() - t1
         write_json(run / "trials.json", [r.to_json() for r in records])
         finished = sum(r.state != "incomplete" for r in records)
-        if finished < spec.num_samples:
+        # A time budget (--budget-seconds) that ran out ends the search with fewer trials.
+        out_of_time = spec.budget_seconds is not None and search_s >= spec.budget_seconds
+        if finished < spec.num_samples and not out_of_time:
             print(f"search stopped after {finished}/{spec.num_samples} trials; continue it with:\n"
                   f"  {_resume_hint(spec)}", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        S.export(run / "study.db", records, space.distributions, spec.objective, str(spec.name))
+        S.export(run / "study.db", records, space.distributions, spec.objective, str(spec.name),
+                 max_acc_drop=spec.max_acc_drop)
 
-        best = pick_best(records, spec.objective)
+        best = pick_best(records, spec.objective, spec.max_acc_drop)
         val_default = next((r.score for r in records if r.params == default), None)
         if best is None:
             print("no trial finished without error or divergence: only the default is evaluated",
                   file=sys.stderr)
-        t2 = time.perf_counter()
+        t2, cpu2 = time.perf_counter(), time.process_time()
         final = _final(spec, best, default, default_runs, sets, splits, refs, val_default)
         final_s += time.perf_counter() - t2
+        final_cpu += time.process_time() - cpu2
     write_json(run / "final.json", final)
     write_json(run / "timing.json", timing(
         wall=time.perf_counter() - t0, victims=victim_s, search=search_s, final=final_s,
-        ray_waited=ray_bg.waited, records=records, slots=slots))
+        ray_waited=ray_bg.waited, records=records, slots=slots, final_cpu=final_cpu,
+        victims_built=sum(bool(v.built) for vs in sets for v in vs.victims)))
     report = write_report(run)
     _print_end(spec, report, final, time.perf_counter() - t0)
     return run
 
 
 def timing(*, wall: float, victims: float, search: float, final: float, ray_waited: float,
-           records: Sequence[TrialRecord], slots: int) -> dict[str, Any]:
+           records: Sequence[TrialRecord], slots: int, final_cpu: float = 0.0,
+           victims_built: int = 0) -> dict[str, Any]:
     """``timing.json``. The Ray overhead share is the part of the search's wall time (the
     search, plus what the driver waited for Ray to start or stop) that its ``slots`` did not
-    spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``."""
+    spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``. Cost: the trials'
+    CPU seconds and device-seconds (``TrialRecord``), their peak GPU memory, the final
+    evaluations' CPU seconds (the driver's process) and the victims built by this run."""
     compute = sum(r.seconds for r in records)
     search_wall = search + ray_waited
     share = max(0.0, 1.0 - compute / (slots * search_wall)) if search_wall > 0 and slots else 0.0
     return {"wall_seconds": wall, "victims_seconds": victims, "search_seconds": search,
             "final_seconds": final, "ray_wait_seconds": ray_waited, "trials": len(records),
-            "trial_seconds": compute, "slots": slots, "ray_overhead_share": share}
+            "trial_seconds": compute, "slots": slots, "ray_overhead_share": share,
+            "trial_cpu_seconds": sum(r.cpu_seconds or 0.0 for r in records),
+            "device_seconds": sum(r.device_seconds or 0.0 for r in records),
+            "gpu_peak_mb": max((r.gpu_peak_mb for r in records if r.gpu_peak_mb), default=0.0),
+            "final_cpu_seconds": final_cpu, "victims_built": victims_built}
 
 
 def _print_end(spec: ExperimentSpec, report: Path, final: dict[str, Any], wall: float) -> None:

@@ -75,6 +75,11 @@ class ExperimentSpec:
         group="search"))
     num_samples: int = field(default=16, metadata=_opt(
         "number of configurations to try, the paper default first", smoke=2, group="search"))
+    budget_seconds: float | None = field(default=None, metadata=_opt(
+        "time budget of the search, seconds of wall time (Tune's time_budget_s): no trial "
+        "starts after it and running ones stop (recorded as stopped early); the search then "
+        "has at most --num-samples trials", default_text="none: --num-samples trials",
+        metavar="S", group="search"))
     max_concurrent: int | None = field(default=None, metadata=_opt(
         "most trials at once", default_text="as many as the CPUs/GPUs fit", group="search",
         resource=True))
@@ -88,6 +93,17 @@ class ExperimentSpec:
         "score a trial's epochs before its last on a fixed, seeded subset of N clean and N "
         "triggered val images per attack (cheaper early ASHA rungs); the last epoch always "
         "uses all of val", default_text="all of val every epoch", metavar="N", group="search"))
+    trial_seeds: int = field(default=1, metadata=_opt(
+        "seeds per trial: each configuration runs with seeds seed..seed+K-1 (each draws its own "
+        "clean subset, as --seed would, and orders training with it) and reports the mean "
+        "metrics; the spread is in the trial's record and the report", metavar="K",
+        group="search"))
+    max_acc_drop: float | None = field(default=None, metadata=_opt(
+        "accuracy budget: a configuration losing more than D points of mean clean val ACC "
+        "against the undefended victims is infeasible (an Optuna constraint: the sampler learns "
+        "the feasible region; the best configuration is the best feasible one). ASHA still "
+        "stops trials on the score alone", default_text="no budget", metavar="D",
+        group="search"))
     space: Path | None = field(default=None, metadata=_opt(
         "search-space YAML file", default_text="search_spaces/<defense>.yaml", group="search"))
     final_seeds: int = field(default=3, metadata=_opt(
@@ -153,12 +169,24 @@ class ExperimentSpec:
     def _check_values(self) -> None:
         _check_int("--num-samples", self.num_samples, low=1)
         _check_int("--final-seeds", self.final_seeds, low=1)
+        _check_int("--trial-seeds", self.trial_seeds, low=1)
         _check_int("--victim-seeds", self.victim_seeds, low=1)
         for flag, value, high in (("--verdict-asr", self.verdict_asr, 100.0),
                                   ("--verdict-acc-drop", self.verdict_acc_drop, 100.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0.0 <= value <= high:
                 raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
+        drop = self.max_acc_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float))
+                                 or not 0.0 <= drop <= 100.0):
+            raise UsageError(f"--max-acc-drop {drop!r}: expected a number of percentage points "
+                             "in [0, 100]")
+        if self.budget_seconds is not None and (
+                isinstance(self.budget_seconds, bool)
+                or not isinstance(self.budget_seconds, (int, float))
+                or not (0 < self.budget_seconds < math.inf)):
+            raise UsageError(f"--budget-seconds {self.budget_seconds!r}: expected a finite "
+                             "number of seconds > 0")
         for flag, count in (("--max-concurrent", self.max_concurrent),
                             ("--max-epochs", self.max_epochs),
                             ("--val-subsample", self.val_subsample)):

@@ -6,6 +6,13 @@
   its last intermediate value), so TPE does not learn "short trials are bad configurations";
   a diverged trial is told COMPLETE with the objective's finite sentinel (so TPE learns to
   avoid the region); a failed trial FAIL.
+- ``--max-acc-drop``: Optuna's own constrained optimization. Each trial told to the study
+  carries the constraint ``acc_drop`` = (mean val ACC lost) - budget, set with the public
+  ``Trial.set_constraint`` (Optuna stores it in the trial's system attrs as
+  ``constraints:acc_drop``; ``FrozenTrial.constraints`` reads it back): feasible when <= 0.
+  TPE (and NSGA-II) then model the feasible region, and ``study.best_trial`` is the best
+  feasible trial. Optuna 5 deprecates the samplers' ``constraints_func`` (FutureWarning,
+  removal planned for 7.0) in favour of ``set_constraint``; both reach the same system attr.
 - :func:`study_from_records`: the finished search as an Optuna study, from ``trials.json``;
   the same study is written to ``study.db`` (optuna-dashboard) and feeds the report's
   parameter importances, so both see the same trials in the same states.
@@ -29,9 +36,20 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from tuner.objective import directions
-from tuner.records import TrialRecord, value_names
+from tuner.records import ACC_DROP, TrialRecord, value_names
 
-__all__ = ["AskTell", "export", "param_importances", "sampler_settings", "study_from_records"]
+__all__ = ["CONSTRAINT", "AskTell", "export", "param_importances", "sampler_settings", "study_from_records"]
+
+
+CONSTRAINT = ACC_DROP  # the constraint's name in Optuna (FrozenTrial.constraints)
+
+
+def constraint_value(acc_drop: float | None, max_acc_drop: float | None) -> float | None:
+    """Optuna's constraint value for a trial: feasible when <= 0; None without a budget or a
+    measured drop."""
+    if max_acc_drop is None or acc_drop is None:
+        return None
+    return float(acc_drop) - float(max_acc_drop)
 
 
 def sampler_settings(seed: int, num_samples: int) -> dict[str, Any]:
@@ -50,8 +68,10 @@ class AskTell:
     """One search's Optuna study (in memory), driven by ask and tell."""
 
     def __init__(self, space: Mapping[str, BaseDistribution], objective: str,
-                 default: Mapping[str, Any], sampler: Mapping[str, Any] | None = None) -> None:
+                 default: Mapping[str, Any], sampler: Mapping[str, Any] | None = None, *,
+                 max_acc_drop: float | None = None) -> None:
         self.space = dict(space)
+        self.max_acc_drop = max_acc_drop
         self.names = value_names(objective)
         quiet = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
@@ -81,6 +101,9 @@ class AskTell:
         trial = self.trials.pop(trial_id, None)
         if trial is None:
             return
+        c = constraint_value((result or {}).get(ACC_DROP), self.max_acc_drop)
+        if c is not None and not error:  # before tell: the sampler reads it in after_trial
+            trial.set_constraint(CONSTRAINT, c)
         if error or not result or any(k not in result for k in self.names):
             self.study.tell(trial, state=TrialState.FAIL)
         elif not result.get("finished", True):
@@ -108,14 +131,16 @@ def _widened(dist: BaseDistribution, value: Any) -> BaseDistribution | None:
 
 
 def study_from_records(records: Sequence[TrialRecord], space: Mapping[str, BaseDistribution],
-                       objective: str, *, name: str = "search", storage: str | None = None
-                       ) -> optuna.Study:
+                       objective: str, *, name: str = "search", storage: str | None = None,
+                       max_acc_drop: float | None = None) -> optuna.Study:
     """The search's trials as an Optuna study, numbered as in the search.
 
     States: complete -> COMPLETE (its values), pruned -> PRUNED (with its per-epoch values as
     intermediate values; multi-objective studies keep none), diverged -> COMPLETE with the
     sentinel values it reported, error -> FAIL. Incomplete trials (the run was stopped) are
     left out. ``storage`` (an SQLite URL) writes the study there, as ``study.db``.
+    ``max_acc_drop``: each trial carries its constraint (see the module docstring), so
+    optuna-dashboard shows which were feasible.
     """
     quiet = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,6 +158,7 @@ def study_from_records(records: Sequence[TrialRecord], space: Mapping[str, BaseD
             if state != TrialState.COMPLETE or values is None:
                 values = None
                 state = TrialState.FAIL if state == TrialState.COMPLETE else state
+            c = constraint_value(r.acc_drop, max_acc_drop) if state != TrialState.FAIL else None
             history = {int(h["epoch"]): float(h["value_0"]) for h in r.history
                        if isinstance(h.get("value_0"), (int, float))
                        and isinstance(h.get("epoch"), int)}
@@ -140,6 +166,7 @@ def study_from_records(records: Sequence[TrialRecord], space: Mapping[str, BaseD
                 state=state, values=values, params={k: r.params[k] for k in dists},
                 distributions=dists,  # type: ignore[arg-type]
                 intermediate_values=None if multi else history,
+                constraints=None if c is None else {CONSTRAINT: c},
                 user_attrs={"trial_id": r.trial_id, "state": r.state, "epochs": r.epochs}))
         return study
     finally:
@@ -168,9 +195,9 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float], str]:
 
 
 def export(path: Path, records: Sequence[TrialRecord], space: Mapping[str, BaseDistribution],
-           objective: str, name: str) -> int:
+           objective: str, name: str, *, max_acc_drop: float | None = None) -> int:
     """Write ``study.db`` (replacing an old one); returns the number of trials in it."""
     path.unlink(missing_ok=True)
     study = study_from_records(records, space, objective, name=name,
-                               storage=f"sqlite:///{path}")
+                               storage=f"sqlite:///{path}", max_acc_drop=max_acc_drop)
     return len(study.trials)

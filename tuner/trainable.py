@@ -30,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import Searcher
 
 from tuner.errors import UsageError
-from tuner.evaluation import planned_epochs, trial_epochs
+from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
 from tuner.spec import ExperimentSpec, check_reachable
 from tuner.study import AskTell
@@ -57,11 +57,18 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
-    for item in (epochs_fn or trial_epochs)(
-            spec.defense, params, victims, splits, seed=spec.seed, device=device,
-            max_epochs=spec.max_epochs, val_subsample=spec.val_subsample,
-            precision=spec.zoo.precision, retune=spec.objective == "robust"):
-        tune.report({**epoch_report(item, spec.objective, planned), **extra})
+    meter = CostMeter(device)
+    # The undefended val ACC, what --max-acc-drop measures against (test stand-ins have none).
+    reference = {v.attack: float(v.metrics["val"].acc) for v in victims
+                 if getattr(v, "metrics", None)}
+    seeds = list(range(spec.seed, spec.seed + spec.trial_seeds))  # --trial-seeds
+    for item in seeded_epochs(
+            epochs_fn or trial_epochs, spec.defense, params, victims, splits, seeds=seeds,
+            clean_ratio=spec.zoo.clean_ratio, device=device, max_epochs=spec.max_epochs,
+            val_subsample=spec.val_subsample, precision=spec.zoo.precision,
+            retune=spec.objective == "robust"):
+        tune.report({**epoch_report(item, spec.objective, planned, reference), **extra,
+                     **meter.read(spec.gpus)})
 
 
 def preload() -> None:
@@ -197,9 +204,10 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
             time_attr="training_iteration", metric=SCORE, mode="max", max_t=max_t,
             grace_period=1 if max_t < 6 else 2, reduction_factor=3)
         searcher = OptunaSearcher(AskTell(space.distributions, spec.objective, space.default,
-                                          sampler), metric=SCORE)
+                                          sampler, max_acc_drop=spec.max_acc_drop), metric=SCORE)
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             num_samples=spec.num_samples, max_concurrent_trials=limit, search_alg=searcher,
+            time_budget_s=spec.budget_seconds,
             scheduler=scheduler, reuse_actors=True), run_config=tune.RunConfig(
             storage_path=str(spec.run_dir), name="ray", verbose=0,
             failure_config=tune.FailureConfig(max_failures=2),

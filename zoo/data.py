@@ -16,7 +16,7 @@ augmentation happen per batch in :mod:`zoo.loader`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = [
     "dataset_info",
     "default_clean_ratio",
     "load_splits",
+    "redraw_clean",
 ]
 
 
@@ -232,3 +233,18 @@ def load_splits(
         val=split(raw.x_test, raw.y_test, val_idx),
         test=split(raw.x_test, raw.y_test, test_idx),
     )
+
+
+def redraw_clean(splits: Splits, *, seed: int, dataset: str, clean_ratio: float | None = None,
+                 balanced: bool = True) -> Splits:
+    """``splits`` with the defender's clean subset drawn again from ``seed``, as
+    :func:`load_splits` draws it with that seed; train, val and test unchanged (so the victims
+    and their val/test metrics still hold). ``--trial-seeds`` uses it.
+
+    >>> s = load_splits("digits")
+    >>> bool((redraw_clean(s, seed=0, dataset="digits").clean.y == s.clean.y).all())
+    True
+    """
+    ratio = default_clean_ratio(dataset) if clean_ratio is None else float(clean_ratio)
+    idx = _clean_indices(splits.train.y.numpy(), ratio, balanced, np.random.default_rng(seed))
+    return replace(splits, clean=splits.train.subset(torch.from_numpy(idx)))

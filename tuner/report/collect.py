@@ -31,12 +31,12 @@ from scipy import stats  # type: ignore[import-untyped]
 from tuner import objective as O
 from tuner._io import clip, clip_text, read_json
 from tuner.errors import UsageError
-from tuner.records import METRICS, TrialRecord
+from tuner.records import METRICS, TrialRecord, pick_best
 from tuner.spaces import Space, space_from_json
 from tuner.spec import ExperimentSpec
 from tuner.study import param_importances, study_from_records
 
-__all__ = ["AttackVerdict", "ReportData", "Result", "Verdict", "collect", "mean_ci"]
+__all__ = ["AttackVerdict", "Budget", "ReportData", "Result", "Verdict", "collect", "mean_ci"]
 
 SEQUELA = ("ra_acc", "ra_asr", "mia_before", "mia_after", "mia_change")
 
@@ -90,6 +90,30 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """The accuracy budget (``--max-acc-drop``) and how the search met it, on val."""
+
+    max_acc_drop: float  #: percentage points of mean clean val ACC against no defense
+    feasible: int  #: trials (complete or pruned) within the budget
+    measured: int  #: trials (complete or pruned) with a measured ACC drop
+    best_trial: int | None  #: the trial the report calls best
+    best_acc_drop: float | None
+    best_feasible: bool  #: False: no trial was feasible and the best is the least infeasible
+
+
+def budget(trials: list[TrialRecord], best: Result | None, max_acc_drop: float | None
+           ) -> Budget | None:
+    if max_acc_drop is None:
+        return None
+    done = [t for t in trials if t.usable and t.acc_drop is not None]
+    rec = next((t for t in trials if best is not None and t.number == best.trial), None)
+    drop = rec.acc_drop if rec is not None else None
+    return Budget(float(max_acc_drop), sum(t.feasible(max_acc_drop) for t in done), len(done),
+                  None if best is None else best.trial, drop,
+                  rec is not None and rec.feasible(max_acc_drop))
+
+
+@dataclass(frozen=True)
 class ReportData:
     run_dir: Path
     spec: ExperimentSpec
@@ -110,6 +134,7 @@ class ReportData:
     verdict: Verdict | None = None
     warnings: list[str] = field(default_factory=list)
     archs: dict[str, str] = field(default_factory=dict)  #: each victim's model, when recorded
+    budget: Budget | None = None
 
     @property
     def objective(self) -> str:
@@ -199,14 +224,12 @@ def _result(raw: Any, attacks: list[str], objective: str, where: str) -> Result 
                   len(runs), score, sd, ci, mean, std, scores, [s for s, _ in runs])
 
 
-def _best_from_trials(trials: list[TrialRecord], objective: str) -> Result | None:
+def _best_from_trials(trials: list[TrialRecord], objective: str,
+                      max_acc_drop: float | None) -> Result | None:
     """The best trial's val numbers, for a run stopped before its final evaluation."""
-    rows = [{"state": t.state, "per_attack": t.per_attack, "i": i}
-            for i, t in enumerate(trials) if t.usable]
-    best = O.select_best(rows, objective)
-    if best is None:
+    t = pick_best([t for t in trials if t.usable], objective, max_acc_drop)
+    if t is None:
         return None
-    t = trials[int(best["i"])]
     return Result(dict(t.params), t.score, t.number, 0, None, None, None, {}, {})
 
 
@@ -359,7 +382,7 @@ def collect(run_dir: str | Path, **overrides: Any) -> ReportData:
         raise UsageError(f"{where}: expected an object")
     attacks, objective = list(spec.attacks), spec.objective
     best = _result(final.get("best"), attacks, objective, f"{where}: best") or \
-        _best_from_trials(trials, objective)
+        _best_from_trials(trials, objective, spec.max_acc_drop)
     default = _result(final.get("default"), attacks, objective, f"{where}: default")
     nd, nd_std = _no_defense(final, where)
     rates, timing, sizes = (final.get("poison_rates") or {}, optional("timing.json") or {},
@@ -372,7 +395,8 @@ def collect(run_dir: str | Path, **overrides: Any) -> ReportData:
     importances: dict[str, float] = {}
     note = "not computed: no search space (space.json)"
     if space is not None:
-        study = study_from_records(trials, space.distributions, objective)
+        study = study_from_records(trials, space.distributions, objective,
+                                   max_acc_drop=spec.max_acc_drop)
         importances, note = param_importances(study)
     return ReportData(
         root, spec, prov, space, trials, best, default, nd, nd_std, nd_val,
@@ -385,4 +409,5 @@ def collect(run_dir: str | Path, **overrides: Any) -> ReportData:
         verdict(best, default, nd, attacks, asr_threshold=spec.verdict_asr,
                 acc_budget=spec.verdict_acc_drop),
         warnings(best, space, trials, importances, nd_val, sizes, spec),
-        {str(a): str(m) for a, m in archs.items()})
+        {str(a): str(m) for a, m in archs.items()},
+        budget(trials, best, spec.max_acc_drop))

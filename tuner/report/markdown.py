@@ -14,8 +14,9 @@ from optuna.distributions import CategoricalDistribution, distribution_to_json
 from tuner import objective as O
 from tuner.records import METRICS
 from tuner.report.collect import ReportData, Result
+from tuner.report.tables import cost
 
-__all__ = ["PLOTS", "render_console", "render_markdown", "text"]
+__all__ = ["PLOTS", "budget_line", "cost_line", "render_console", "render_markdown", "text"]
 
 PLOTS = {"objective.png": "Objective over trials", "pareto.png": "Mean ACC against mean ASR",
          "importance.png": "Parameter importances"}
@@ -95,6 +96,37 @@ def _md_verdict(d: ReportData) -> list[str]:
                         "ASR after re-tuning"], rows) + [""]
 
 
+def budget_line(d: ReportData) -> str | None:
+    """One sentence on the accuracy budget, or None without one."""
+    b = d.budget
+    if b is None:
+        return None
+    head = (f"Accuracy budget: at most {b.max_acc_drop:g} points of mean clean val ACC lost "
+            f"against the undefended victims (--max-acc-drop); {b.feasible} of {b.measured} "
+            "trials were feasible.")
+    if b.best_trial is None:
+        return head + " No trial could be chosen."
+    drop = "n/a" if b.best_acc_drop is None else f"{b.best_acc_drop:.2f}"
+    if b.best_feasible:
+        return head + f" The best is the best feasible trial, {b.best_trial} (ACC drop {drop})."
+    return (head + f" NO TRIAL MET THE BUDGET: shown as best is the least infeasible, trial "
+            f"{b.best_trial}, which loses {drop} points of mean val ACC.")
+
+
+def _md_budget(d: ReportData) -> list[str]:
+    line = budget_line(d)
+    if line is None:
+        return []
+    return ["## Accuracy budget", "", f"**{line}**" if d.budget and not d.budget.best_feasible
+            else line, "",
+            "The budget is an Optuna constraint (`Trial.set_constraint`, feasible when the "
+            "drop minus the budget is <= 0): the sampler models the feasible region. ASHA sees "
+            "one scalar, the objective's score, and stops trials on it alone: a feasible trial "
+            "can be stopped early and an infeasible one kept. A trial ASHA stopped carries the "
+            "ACC drop of the epoch it stopped at, usually larger than where it would have "
+            "ended, so the sampler sees it as less feasible than it may be.", ""]
+
+
 def _md_warnings(d: ReportData) -> list[str]:
     if not d.warnings:
         return []
@@ -124,17 +156,32 @@ def _md_search(d: ReportData) -> list[str]:
         ["sampler", text(", ".join(f"{k}={v}" for k, v in sampler.items()) or "n/a")],
         ["seed", str(s.seed)], ["scheduler", text(s.scheduler)],
         ["max epochs per trial", str(s.max_epochs or "the defense's own")],
+        ["seeds per trial", f"{s.trial_seeds} (clean-subset draw and training order; val "
+                            "metrics averaged)" if s.trial_seeds > 1 else "1"],
         ["trials", str(len(d.trials))], ["failed trials", str(d.failed)],
         ["diverged trials", str(sum(t.diverged for t in d.trials))],
         ["final runs", f"{d.best.runs} ({d.spec.victim_seeds} victim seed(s) x "
                        f"{d.spec.final_seeds} defense seed(s))" if d.best and d.best.runs
          else "n/a"],
         ["wall time", f"{d.timing['wall_seconds']:.1f} s" if "wall_seconds" in d.timing else "n/a"],
+        ["cost", cost_line(d)],
         ["git commit", text(f"{commit}{' (uncommitted changes)' if p.get('git_dirty') else ''}")
          if commit else "n/a"],
         ["versions", text(", ".join(f"{k} {v}" for k, v in versions.items()) or "n/a")],
     ]
     return ["## Search", "", *table(["setting", "value"], rows), ""]
+
+
+def cost_line(d: ReportData) -> str:
+    """What the run spent, in one line (``summary.json`` ``cost``)."""
+    k = cost(d)
+    gpu = f", GPU peak {k['gpu_peak_mb']:.0f} MiB" if k["gpu_peak_mb"] else ""
+    final = (f"; final evaluations {k['final_seconds']:.1f} s wall, "
+             f"{k['final_cpu_seconds'] or 0.0:.1f} CPU-s" if k["final_seconds"] is not None else "")
+    built = (f"; {k['victims_built']} victim(s) built" if k["victims_built"] is not None else "")
+    return (f"search: {k['trials']} trials, {k['epochs']} epochs, {k['trial_seconds']:.1f} s "
+            f"trial wall, {k['trial_cpu_seconds']:.1f} CPU-s, {k['device_seconds']:.1f} "
+            f"device-s{gpu}{final}{built}")
 
 
 def _md_objective(d: ReportData) -> list[str]:
@@ -175,9 +222,17 @@ def _md_best(d: ReportData) -> list[str]:
     origin = f" (trial {d.best.trial})" if d.best.trial is not None else ""
     out = [f"## Best configuration{origin}", "",
            *table(["param", "best", "paper default"], rows), ""]
-    rows = [[label, fmt(r.val_score if r else None),
-             _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
-            for label, r in (("best", d.best), ("paper default", d.default))]
+    by_number = {t.number: t for t in d.trials}
+    default_trial = next((t for t in d.trials if d.default and t.params == d.default.params), None)
+
+    def val(r: Result | None, t: Any) -> str:
+        if r is None:
+            return "n/a"
+        return _score(t) if t is not None and t.score == r.val_score else fmt(r.val_score)
+
+    rows = [[label, val(r, t), _pm_ci(r.score, r.score_std, r.score_ci) if r else "n/a"]
+            for label, r, t in (("best", d.best, by_number.get(-1 if d.best.trial is None else d.best.trial)),
+                                ("paper default", d.default, default_trial))]
     return out + table(["config", "val score", "test score (mean ± std)"], rows) + [""]
 
 
@@ -242,18 +297,29 @@ def _md_trials(d: ReportData) -> list[str]:
     ranked = sorted((t for t in d.trials if t.score is not None and not t.failed),
                     key=lambda t: (not t.finished, -(t.score or 0.0)))[:10]
     names = list(dict.fromkeys(k for t in ranked for k in t.params))
-    rows = [[str(t.number), t.state, fmt(t.score), str(t.epochs),
+    rows = [[str(t.number), t.state, _score(t), fmt(t.acc_drop), str(t.epochs),
              *[fmt(t.params.get(n), 4) for n in names]] for t in ranked]
     out = ["## Top-10 trials (val)", "",
            "Trials that ran all their epochs first, then those ASHA stopped early (their "
-           "scores are from fewer epochs).", "",
-           *table(["trial", "state", "score", "epochs run", *map(text, names)], rows), ""]
+           "scores are from fewer epochs). ACC drop: mean clean val ACC lost against no "
+           "defense, percentage points." + (
+               f" Each trial ran {d.spec.trial_seeds} seeds (--trial-seeds): score is the "
+               "objective of the mean metrics ± the std of the per-seed scores."
+               if d.spec.trial_seeds > 1 else ""), "",
+           *table(["trial", "state", "score", "ACC drop", "epochs run", *map(text, names)], rows),
+           ""]
     failed = [t for t in d.trials if t.failed]
     if failed:
         out += ["Failed trials:", ""] + [f"- trial {t.number}: {text(t.error or t.state)}"
                                          for t in failed]
         out.append("")
     return out
+
+
+def _score(t: Any) -> str:
+    """A trial's val score, with the spread over its seeds (--trial-seeds)."""
+    sd = t.score_std
+    return fmt(t.score) if sd is None or t.score is None else f"{t.score:.2f} ± {sd:.2f}"
 
 
 def _md_importance(d: ReportData) -> list[str]:
@@ -269,7 +335,7 @@ def _md_importance(d: ReportData) -> list[str]:
 def render_markdown(data: ReportData) -> str:
     s = data.spec
     lines = [f"# Best-config report: {text(s.defense)} on {text(s.zoo.dataset)} ({models(data)})", ""]
-    for part in (_md_verdict, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
+    for part in (_md_verdict, _md_budget, _md_warnings, _md_search, _md_objective, _md_space, _md_best,
                  _md_test, _md_sequela, _md_trials, _md_importance):
         lines += part(data)
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items()]
@@ -308,5 +374,8 @@ def render_console(d: ReportData) -> str:
                            for k, v in sorted(d.best.params.items()))
         origin = f" (trial {d.best.trial})" if d.best.trial is not None else ""
         lines.append(f"  best configuration{origin}: {params}")
+    line = budget_line(d)
+    if line is not None:
+        lines.append(f"  {line}")
     lines += [f"  warning: {w}" for w in d.warnings]
     return "\n".join(lines)
