@@ -219,6 +219,81 @@ def test_no_host_sync_per_step(name: str, monkeypatch: Any) -> None:
     assert syncs(32) == syncs(128)  # 2 vs 8 steps per epoch
 
 
+FROM_PYTHON = ("tensor", "as_tensor", "from_numpy", "scalar_tensor")
+
+
+def count_tensors_from_python(monkeypatch: Any, run: Any) -> int:
+    """Tensors built from Python or numpy data while ``run()`` runs: on CUDA each one placed on
+    the device is a blocking host-to-device copy (a synchronisation)."""
+    calls = [0]
+    for name in FROM_PYTHON:
+        original = getattr(torch, name)
+
+        def wrapped(*a: Any, _f: Any = original, **k: Any) -> Any:
+            calls[0] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setattr(torch, name, wrapped)
+    run()
+    monkeypatch.undo()
+    return calls[0]
+
+
+@pytest.mark.parametrize("name", sorted(defenses.REGISTRY))
+def test_no_tensor_from_python_data_per_step(name: str, monkeypatch: Any) -> None:
+    """A step builds no tensor from Python data (normalize's mean/std are cached per device):
+    the count per epoch does not grow with the steps, for training and for evaluation."""
+    from zoo.metrics import evaluate
+
+    splits = load_splits("digits", seed=0)
+    info = splits.info
+
+    def built(n_images: int) -> int:
+        clean = splits.train.subset(torch.arange(n_images))
+        cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
+        model = build_model("cnn", info)
+        gen = defenses.get_defense(name).run(model, clean, info, cfg, seed=0, device=CPU)
+        return count_tensors_from_python(monkeypatch, lambda: (
+            list(gen), evaluate(model, clean, clean, 0, info, device=CPU, batch_size=16)))
+
+    assert built(32) == built(128)  # 2 vs 8 steps per epoch, 2 vs 8 evaluation batches
+
+
+def test_normalize_stats_are_cached_per_device_and_dtype() -> None:
+    from zoo.loader import channel_stats, normalize
+
+    info = load_splits("digits", seed=0).info
+    a = channel_stats(info.mean, info.std, CPU)
+    assert channel_stats(info.mean, info.std, CPU) is a
+    assert channel_stats(info.mean, info.std, CPU, torch.float64)[0].dtype == torch.float64
+    with torch.inference_mode():  # first built under inference_mode: still a normal tensor
+        b = channel_stats((0.25,), (0.5,), CPU)
+    assert not b[0].is_inference()
+    x = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    want = (1.0 - info.mean[0]) / info.std[0]
+    torch.testing.assert_close(normalize(x, info), torch.full((1, 1, 2, 2), want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_cuda_batches() -> None:
+    """Where CUDA exists: ``set_sync_debug_mode("error")`` turns any synchronising call while
+    batches are drawn (a blocking host-to-device copy, an ``.item()``) into an error."""
+    from zoo.loader import DeviceLoader
+
+    splits = load_splits("digits", seed=0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    loader = DeviceLoader(splits.train.subset(torch.arange(64)), splits.info, batch_size=16,
+                          device=dev, seed=0)
+    next(iter(loader))  # the first batch builds normalize's mean/std on the device (one copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 4
+
+
 # -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
 def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
     from tuner import trainable  # imports ray, starts nothing
