@@ -9,7 +9,8 @@ Benchmarks:
   (3): the ratio of their summed times, and the mean ACC/ASR of both.
 - ``overhead``: the default search (``python -m tuner --defense ngf``), with the victims built
   in the run and again with them stored: the search's wall time against its trials' compute.
-- ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
+- ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise), on
+  ``--device`` for ``--arch`` (preact-resnet18: CIFAR-shaped data, 2-epoch victims).
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
 - ``allocator``: page faults and time of training steps with and without
   ``zoo.runtime.keep_freed_memory``.
@@ -135,13 +136,15 @@ def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def bench_packing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from bench.overhead import run_packing
 
-    if not torch.cuda.is_available():
-        print("packing needs CUDA: no GPU here, nothing measured")
+    if device.type != "cuda":
+        why = "no GPU here" if not torch.cuda.is_available() else f"--device {device}"
+        print(f"packing needs CUDA: {why}, nothing measured")
         return {"bench": "packing", "skipped": "no CUDA"}
     kw: dict[str, Any] = {"defense": args.defense, "scheduler": args.scheduler, "seed": args.seed,
-                          "zoo_dir": args.zoo_dir}
-    if args.quick:
-        kw.update(attacks=("badnets",), max_epochs=1, smoke_test=True)
+                          "zoo_dir": args.zoo_dir, "arch": args.arch, "device": device,
+                          "victim_epochs": args.victim_epochs}
+    if args.quick:  # not --smoke-test: that would replace the victims' recipe
+        kw.update(attacks=("badnets",), max_epochs=1, n_train=2_000, n_test=1_000)
     out = run_packing(num_samples=4 if args.quick else args.num_samples, **kw)
     print(table(out["runs"], ["trials_per_gpu", "trials", "search_wall_seconds",
                               "trials_per_hour", "overhead_share"]))
@@ -191,10 +194,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=BENCHES)
     p.add_argument("--arch", default="cnn", choices=("cnn", "preact-resnet18"),
-                   help="trial / reference: the victim's architecture")
+                   help="trial / reference / packing: the victim's architecture")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--quick", action="store_true", help="tiny sizes: check the plumbing")
-    p.add_argument("--device", default="auto", help="trial / scaling: cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="trial / scaling / packing: cpu, cuda[:N] or auto")
     p.add_argument("--epochs", type=int, default=None,
                    help="defense epochs (trial/reference: 10, --quick 2; scaling: the defense's)")
     p.add_argument("--victim-epochs", type=int, default=None,

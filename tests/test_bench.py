@@ -294,6 +294,44 @@ def test_no_host_sync_in_cuda_batches() -> None:
     assert len(batches) == 4
 
 
+# -- bench packing (CUDA faked) ----------------------------------------------------------------
+def test_packing_sets_the_cuda_device_and_honours_arch(monkeypatch: Any, tmp_path: Path) -> None:
+    """Each packed search gets a spec on the CUDA device, for --arch (preact-resnet18: the
+    CIFAR-shaped data read as cifar10, short victims in a store of the bench's own), and
+    that spec passes the search's own checks (check_world), which refuse GPU shares on 'cpu'."""
+    import bench.__main__ as bench_main
+    from bench import overhead
+
+    specs = []
+
+    def timing(**kw: Any) -> dict[str, Any]:
+        spec = overhead.search_spec(output=tmp_path / "runs", **kw)
+        spec.check_world()
+        specs.append(spec)
+        splits = spec.zoo.load_splits()
+        assert (splits.info.name, splits.info.size, splits.info.channels) == ("cifar10", 32, 3)
+        return {"trials": 4, "search_wall_seconds": 1.0, "trials_per_hour": 1.0,
+                "overhead_share": 0.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(overhead, "search_timing", timing)
+    monkeypatch.setattr(bench_main, "machine", lambda: {})  # asks the (absent) GPU its name
+    assert main(["packing", "--arch", "preact-resnet18", "--quick", "--json",
+                 str(tmp_path / "p.json")]) == 0
+    assert [s.gpus for s in specs] == [1.0, 0.5, 0.25]
+    for s in specs:
+        assert (s.zoo.device, s.zoo.arch, s.zoo.dataset) == ("cuda", "preact-resnet18", "cifar10")
+        assert s.zoo.recipe is not None and s.zoo.recipe.epochs == overhead.PACKING_VICTIM_EPOCHS
+        assert s.zoo.zoo_dir is not None and "zoo" in s.zoo.zoo_dir.name and not s.sequela
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["arch"] == "preact-resnet18" and len(out["runs"]) == 3
+
+
+def test_packing_without_cuda_says_so(capsys: Any) -> None:
+    assert main(["packing", "--device", "cpu", "--quick"]) == 0
+    assert "packing needs CUDA" in capsys.readouterr().out
+
+
 # -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
 def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
     from tuner import trainable  # imports ray, starts nothing
