@@ -14,6 +14,10 @@ Benchmarks:
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
 - ``allocator``: page faults and time of training steps with and without
   ``zoo.runtime.keep_freed_memory``.
+- ``gpu``: on one CUDA GPU, in at most ~8 minutes: a PreAct-ResNet18 FST trial on 10
+  CIFAR-shaped victims in bf16 and fp32 (images/s, wall, synchronisations per epoch), 1/2/4
+  trials packed on the GPU (throughput ratio, peak memory per trial), ACC/ASR against the CPU.
+  Without CUDA it says so and exits 0.
 - ``archs``: per architecture (``--archs``, default every model), the parameter count and the
   seconds of one FST epoch on 2,500 CIFAR-shaped images on the CPU, fp32 and default precision.
 
@@ -37,7 +41,7 @@ from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.models import ARCHS
 from zoo.runtime import keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs", "gpu")
 
 
 def machine() -> dict[str, Any]:
@@ -189,6 +193,28 @@ def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
 
 
+def bench_gpu(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.gpu import ARCH, QUICK_GPU, GpuSizes, run_gpu
+
+    if device.type != "cuda":
+        why = "no CUDA GPU on this machine" if not torch.cuda.is_available() else f"--device {device}"
+        print(f"gpu: needs a CUDA GPU ({why}); nothing measured")
+        return {"bench": "gpu", "skipped": f"no CUDA: {why}"}
+    out = run_gpu(device, sizes=QUICK_GPU if args.quick else GpuSizes(), seed=args.seed,
+                  victim_epochs=args.victim_epochs, arch=ARCH)
+    print(table([r for r in out["trial"] if "seconds" in r],
+                ["precision", "victims", "epochs", "seconds", "train_images_per_s",
+                 "eval_images_per_s", "syncs_per_epoch"]))
+    print(table([r for r in out.get("packing", []) if "wall_seconds" in r],
+                ["trials", "wall_seconds", "images_per_s", "throughput_ratio",
+                 "peak_memory_gb_per_trial"]))
+    agreement = out["agreement"]
+    if "runs" in agreement:
+        print(table(agreement["runs"], ["device", "precision", "acc", "asr", "within_noise"]))
+    print(f"gpu: {out['wall_seconds']:.0f} s in all")
+    return {"bench": "gpu", **out}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
            "packing": bench_packing, "scaling": bench_scaling,
-           "allocator": bench_allocator, "archs": bench_archs}[args.name]
+           "allocator": bench_allocator, "archs": bench_archs, "gpu": bench_gpu}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()

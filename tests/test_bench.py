@@ -332,6 +332,48 @@ def test_packing_without_cuda_says_so(capsys: Any) -> None:
     assert "packing needs CUDA" in capsys.readouterr().out
 
 
+# -- bench gpu ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["gpu", "--device", "cpu"], ["gpu"]])
+def test_bench_gpu_on_a_cpu_machine_says_so_and_exits_0(argv: list[str], monkeypatch: Any,
+                                                         tmp_path: Path, capsys: Any) -> None:
+    import bench.gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench.gpu, "run_gpu", lambda *a, **k: pytest.fail("measured on a CPU"))
+    assert main([*argv, "--json", str(tmp_path / "g.json")]) == 0
+    assert "gpu: needs a CUDA GPU (no CUDA GPU on this machine); nothing measured" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["skipped"].startswith("no CUDA")
+
+
+def test_bench_gpu_parts_run_on_the_cpu_with_tiny_sizes() -> None:
+    """The GPU command's measurements, on the CPU at QUICK_GPU sizes with the cnn: keys and
+    sanity (syncs are counted on CUDA only); the packed workload survives its file."""
+    from bench.gpu import QUICK_GPU, run_gpu
+
+    torch.set_num_threads(1)
+    out = run_gpu(CPU, sizes=QUICK_GPU, arch="cnn", victim_epochs=1, packing=False)
+    assert [r["precision"] for r in out["trial"]] == ["bf16", "fp32"]
+    for r in out["trial"]:
+        assert r["victims"] == 2 and r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+        assert r["syncs_per_epoch"] is None
+    ag = out["agreement"]
+    assert [(r["device"], r["precision"]) for r in ag["runs"]] == [
+        ("cpu", "fp32"), ("cpu", "fp32"), ("cpu", "bf16")]
+    assert ag["runs"][1]["within_noise"] and ag["runs"][1]["acc"] == ag["runs"][0]["acc"]
+    assert 0 < out["wall_seconds"]
+
+
+def test_bench_gpu_workload_file_round_trip(tmp_path: Path, workload: Any) -> None:
+    from bench.gpu import _load, _save
+
+    val = (workload.test, workload.triggered)
+    _save(str(tmp_path / "w.pt"), workload, val)
+    w, (vc, vt) = _load(str(tmp_path / "w.pt"))
+    assert w.info == workload.info and w.target == workload.target
+    assert torch.equal(w.clean.x, workload.clean.x) and torch.equal(vt.y, workload.triggered.y)
+    assert all(torch.equal(w.victim[k], workload.victim[k]) for k in workload.victim)
+
+
 # -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
 def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
     from tuner import trainable  # imports ray, starts nothing
