@@ -18,6 +18,8 @@ Benchmarks:
   CIFAR-shaped victims in bf16 and fp32 (images/s, wall, synchronisations per epoch), 1/2/4
   trials packed on the GPU (throughput ratio, peak memory per trial), ACC/ASR against the CPU.
   Without CUDA it says so and exits 0.
+- ``payload``: bytes each search trial unpickles (victims and splits) before and after
+  ``tuner.evaluation.trial_payload``, for 10 CIFAR-shaped victims of ``--arch``.
 - ``archs``: per architecture (``--archs``, default every model), the parameter count and the
   seconds of one FST epoch on 2,500 CIFAR-shaped images on the CPU, fp32 and default precision.
 
@@ -41,7 +43,7 @@ from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.models import ARCHS
 from zoo.runtime import keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs", "gpu")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs", "gpu", "payload")
 
 
 def machine() -> dict[str, Any]:
@@ -215,6 +217,18 @@ def bench_gpu(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {"bench": "gpu", **out}
 
 
+def bench_payload(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.payload import run_payload
+
+    kw: dict[str, Any] = {"seed": args.seed, "arch": args.arch}
+    if args.quick:
+        kw.update(victims=2, n_train=500, n_test=200)
+    out = run_payload(**kw)
+    print(table([out], ["victims", "arch", "train_images", "before_bytes", "after_bytes",
+                        "weights_bytes_per_victim", "saved_share"]))
+    return {"bench": "payload", **out}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
            "packing": bench_packing, "scaling": bench_scaling,
-           "allocator": bench_allocator, "archs": bench_archs, "gpu": bench_gpu}[args.name]
+           "allocator": bench_allocator, "archs": bench_archs, "gpu": bench_gpu,
+           "payload": bench_payload}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()

@@ -374,6 +374,42 @@ def test_bench_gpu_workload_file_round_trip(tmp_path: Path, workload: Any) -> No
     assert all(torch.equal(w.victim[k], workload.victim[k]) for k in workload.victim)
 
 
+# -- trial payload -----------------------------------------------------------------------------
+def _victim(splits: Any, name: str = "badnets") -> Any:
+    from zoo.attacks import make_attack
+    from zoo.victims import Victim
+
+    torch.manual_seed(0)
+    attack = make_attack("badnets", splits.info, seed=0)
+    m = Metrics(90.0, 95.0, 3.0)
+    return Victim(name, "digits", "cnn", splits.info, 0, build_model("cnn", splits.info).state_dict(),
+                  attack, attack.triggered(splits.val), attack.triggered(splits.test),
+                  {"val": m, "test": m}, key="k", seconds=0.0, built=True, poison_rate=0.1)
+
+
+def test_trial_payload_drops_what_trials_do_not_use_and_scores_the_same() -> None:
+    from tuner.evaluation import trial_payload
+
+    splits = load_splits("digits", seed=0)
+    victims = [_victim(splits)]
+    slim_v, slim_s = trial_payload(victims, splits)
+    assert len(slim_s.train) == 0 and len(slim_s.test) == 0 and len(slim_v[0].bd_test) == 0
+    assert slim_v[0].attack_obj is None and slim_v[0].state_dict is victims[0].state_dict
+    assert len(victims[0].bd_test) > 0 and len(splits.train) > 0  # the driver's copies intact
+    kw = dict(seed=1, device=CPU)
+    full = list(trial_epochs("ft", {"epochs": 2}, victims, splits, **kw))
+    slim = list(trial_epochs("ft", {"epochs": 2}, slim_v, slim_s, **kw))
+    assert [i["per_attack"] for i in full] == [i["per_attack"] for i in slim]
+    same_v, same_s = trial_payload(victims, splits, retune=True)  # the robust objective
+    assert same_s is splits and same_v[0] is victims[0]
+
+
+def test_payload_bench_counts_bytes_before_and_after(tmp_path: Path) -> None:
+    assert main(["payload", "--quick", "--arch", "cnn", "--json", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["victims"] == 2 and 0 < out["after_bytes"] < out["before_bytes"]
+
+
 # -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
 def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
     from tuner import trainable  # imports ray, starts nothing
