@@ -320,7 +320,7 @@ def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
 
 
 SHIPPED_DRIVER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from types import SimpleNamespace
     import zoo
     from tuner import trainable
@@ -330,11 +330,14 @@ SHIPPED_DRIVER = textwrap.dedent("""
 
     def epochs_fn(defense, params, victims, splits, **kw):
         import zoo._shipped_marker  # only in the driver's copy of the project
+        time.sleep(4.0)  # both trials at once: one on each node
         yield {"epoch": 1, "diverged": False,
                "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 70.0}}}
 
     assert zoo.__file__.startswith(sys.argv[2]), zoo.__file__  # the driver runs the copy
     spec = ExperimentSpec.from_dict(json.loads(sys.argv[1]))
+    if sys.argv[3] == "no-shipping":  # what a join without py_modules did before
+        trainable.cluster_runtime_env = dict
     trainable.start_ray(spec)
     try:
         records = trainable.run_tune(spec, load_space("ft", dataset="digits"),
@@ -350,10 +353,12 @@ SHIPPED_DRIVER = textwrap.dedent("""
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_cluster_workers_run_the_drivers_shipped_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shipping", ["shipping", "no-shipping"])
+def test_cluster_workers_run_the_drivers_shipped_code(tmp_path: Path, shipping: str) -> None:
     """A driver joins a two-node cluster (``--address``) with a copy of the project that no
     node has on its path (the copy holds a module the nodes' own project lacks); its trials,
-    one per node, import that module: the code reached the workers through Ray (py_modules)."""
+    one per node, import that module: the code reached the workers through Ray (py_modules).
+    Without shipping (the join as it was) every trial fails: the test sees the problem."""
     import shutil
 
     from ray.cluster_utils import Cluster
@@ -373,12 +378,17 @@ def test_cluster_workers_run_the_drivers_shipped_code(tmp_path: Path) -> None:
         cluster.wait_for_nodes()
         spec = make_spec(tmp_path, num_samples=2, address=cluster.address)
         env = {**os.environ, "PYTHONPATH": str(copy)}
-        out = subprocess.run([sys.executable, str(script), json.dumps(spec.to_dict()), str(copy)],
-                             env=env, cwd=elsewhere, capture_output=True, text=True, timeout=180)
+        out = subprocess.run([sys.executable, str(script), json.dumps(spec.to_dict()), str(copy),
+                              shipping], env=env, cwd=elsewhere, capture_output=True, text=True,
+                             timeout=180)
     finally:
         cluster.shutdown()
     assert "RECORDS" in out.stdout, (out.stdout + out.stderr)[-3000:]
     rows = json.loads(out.stdout.split("RECORDS", 1)[1])
+    if shipping == "no-shipping":
+        assert [r[0] for r in rows] == ["error", "error"], rows
+        assert all("_shipped_marker" in str(r[2]) for r in rows), rows
+        return
     assert [r[0] for r in rows] == ["complete", "complete"], rows
     assert len({r[1] for r in rows}) == 2  # one trial on each node
 
