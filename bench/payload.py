@@ -51,7 +51,9 @@ def run_payload(*, victims: int = 10, n_train: int = CIFAR_TRAIN, n_test: int = 
     attack = make_attack("badnets", splits.info, seed=seed)
     state = build_model(arch, splits.info).state_dict()
     m = Metrics(90.0, 95.0, 3.0)
-    vs = [Victim(f"badnets#{i}", "cifar10", arch, splits.info, attack.target, state, attack,
+    # Each victim its own weights (a shared dict would be pickled once: pickle's memo).
+    vs = [Victim(f"badnets#{i}", "cifar10", arch, splits.info, attack.target,
+                 {k: t.clone() for k, t in state.items()}, attack,
                  attack.triggered(splits.val), attack.triggered(splits.test),
                  {"val": m, "test": m}, key=f"k{i}", seconds=0.0, built=True, poison_rate=0.1)
           for i in range(victims)]
