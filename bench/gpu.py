@@ -39,6 +39,7 @@ from defenses import get_defense, make_config
 from zoo.data import DatasetInfo, Split
 from zoo.metrics import evaluate
 from zoo.models import build_model
+from zoo.runtime import Precision
 
 ARCH = "preact-resnet18"
 VICTIMS = 10
@@ -76,7 +77,8 @@ class SyncCounter:
     """Counts synchronising CUDA calls inside the ``with`` block (None off CUDA)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.count = device, None
+        self.device = device
+        self.count: int | None = None
         self._caught: Any = None
 
     def __enter__(self) -> SyncCounter:
@@ -100,7 +102,7 @@ def val_sets(w: Workload, sizes: GpuSizes) -> tuple[Split, Split]:
             w.triggered.subset(torch.arange(min(len(w.triggered), sizes.val_triggered))))
 
 
-def run_trial(w: Workload, arch: str, device: torch.device, *, precision: str, victims: int,
+def run_trial(w: Workload, arch: str, device: torch.device, *, precision: Precision, victims: int,
               epochs: int, val: tuple[Split, Split], seed: int = 0) -> dict[str, Any]:
     """FST on ``victims`` copies of the victim, interleaved per epoch, each evaluated on ``val``
     after each epoch: seconds, images/s, synchronisations per epoch."""
@@ -155,7 +157,8 @@ def _load(path: str) -> tuple[Workload, tuple[Split, Split]]:
     info = d["info"]
     split = {k: Split(d[f"{k}_x"], d[f"{k}_y"])
              for k in ("clean", "test", "triggered", "val_clean", "val_triggered")}
-    w = Workload(DatasetInfo(*info[:4], tuple(info[4]), tuple(info[5]), *info[6:]),
+    name, channels, size, classes, mean, std, hflip, pad = info
+    w = Workload(DatasetInfo(name, channels, size, classes, tuple(mean), tuple(std), hflip, pad),
                  split["clean"], split["test"], split["triggered"], d["target"], d["victim"], 0.0)
     return w, (split["val_clean"], split["val_triggered"])
 
@@ -227,8 +230,10 @@ def run_agreement(w: Workload, arch: str, device: torch.device, *, epochs: int,
     """One victim, ``epochs`` of FST, then ACC/ASR on the full test sets: the CPU in fp32
     against ``device`` in fp32 and bf16."""
     cfg = make_config("fst", {"epochs": epochs})
-    rows = []
-    for dev, precision in ((torch.device("cpu"), "fp32"), (device, "fp32"), (device, "bf16")):
+    rows: list[dict[str, Any]] = []
+    runs: list[tuple[torch.device, Precision]] = [(torch.device("cpu"), "fp32"), (device, "fp32"),
+                                                  (device, "bf16")]
+    for dev, precision in runs:
         model = build_model(arch, w.info)
         model.load_state_dict(w.victim)
         for _ in get_defense("fst").run(model, w.clean, w.info, cfg, seed=seed, device=dev,

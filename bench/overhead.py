@@ -41,17 +41,15 @@ def search_spec(*, defense: str = "ngf", num_samples: int = 16, scheduler: str =
                 cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0,
                 final_seeds: int = 3, smoke_test: bool = False, zoo_dir: str | None = None,
                 output: str | Path, zoo: ZooSpec | None = None,
-                sequela: bool | None = None) -> ExperimentSpec:
-    """The spec of one timed search: the digits zoo of ``attacks`` unless ``zoo`` is given;
-    ``sequela`` None keeps the search's default."""
+                sequela: bool = True) -> ExperimentSpec:
+    """The spec of one timed search: the digits zoo of ``attacks`` unless ``zoo`` is given."""
     if zoo is None:
         zoo = ZooSpec(attacks=attacks, seed=seed, zoo_dir=Path(zoo_dir) if zoo_dir else None)
-    extra = {} if sequela is None else {"sequela": sequela}
     return ExperimentSpec(defense=defense, zoo=zoo, num_samples=num_samples,
                           scheduler=scheduler, max_epochs=max_epochs,
                           cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                           final_seeds=final_seeds, smoke_test=smoke_test,
-                          output=Path(output), name=f"bench-{time.time_ns()}", **extra)
+                          output=Path(output), name=f"bench-{time.time_ns()}", sequela=sequela)
 
 
 def search_timing(*, output: str | None = None, **kw: Any) -> dict[str, Any]:
