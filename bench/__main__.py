@@ -9,10 +9,17 @@ Benchmarks:
   (3): the ratio of their summed times, and the mean ACC/ASR of both.
 - ``overhead``: the default search (``python -m tuner --defense ngf``), with the victims built
   in the run and again with them stored: the search's wall time against its trials' compute.
-- ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise).
+- ``packing``: trials per hour with 1, 2, 4 trials per GPU (needs CUDA; skipped otherwise), on
+  ``--device`` for ``--arch`` (preact-resnet18: CIFAR-shaped data, 2-epoch victims).
 - ``scaling``: seconds per trial against clean-set size and number of attacks.
 - ``allocator``: page faults and time of training steps with and without
   ``zoo.runtime.keep_freed_memory``.
+- ``gpu``: on one CUDA GPU, in at most ~8 minutes: a PreAct-ResNet18 FST trial on 10
+  CIFAR-shaped victims in bf16 and fp32 (images/s, wall, synchronisations per epoch), 1/2/4
+  trials packed on the GPU (throughput ratio, peak memory per trial), ACC/ASR against the CPU.
+  Without CUDA it says so and exits 0.
+- ``payload``: bytes each search trial unpickles (victims and splits) before and after
+  ``tuner.evaluation.trial_payload``, for 10 CIFAR-shaped victims of ``--arch``.
 - ``archs``: per architecture (``--archs``, default every model), the parameter count and the
   seconds of one FST epoch on 2,500 CIFAR-shaped images on the CPU, fp32 and default precision.
 
@@ -36,7 +43,7 @@ from bench._setup import FULL, QUICK, Sizes, make_workload
 from zoo.models import ARCHS
 from zoo.runtime import Precision, keep_freed_memory, pick_device
 
-BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs")
+BENCHES = ("trial", "reference", "overhead", "packing", "scaling", "allocator", "archs", "gpu", "payload")
 
 
 def machine() -> dict[str, Any]:
@@ -135,13 +142,15 @@ def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def bench_packing(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from bench.overhead import run_packing
 
-    if not torch.cuda.is_available():
-        print("packing needs CUDA: no GPU here, nothing measured")
+    if device.type != "cuda":
+        why = "no GPU here" if not torch.cuda.is_available() else f"--device {device}"
+        print(f"packing needs CUDA: {why}, nothing measured")
         return {"bench": "packing", "skipped": "no CUDA"}
     kw: dict[str, Any] = {"defense": args.defense, "scheduler": args.scheduler, "seed": args.seed,
-                          "zoo_dir": args.zoo_dir}
-    if args.quick:
-        kw.update(attacks=("badnets",), max_epochs=1, smoke_test=True)
+                          "zoo_dir": args.zoo_dir, "arch": args.arch, "device": device,
+                          "victim_epochs": args.victim_epochs}
+    if args.quick:  # not --smoke-test: that would replace the victims' recipe
+        kw.update(attacks=("badnets",), max_epochs=1, n_train=2_000, n_test=1_000)
     out = run_packing(num_samples=4 if args.quick else args.num_samples, **kw)
     print(table(out["runs"], ["trials_per_gpu", "trials", "search_wall_seconds",
                               "trials_per_hour", "overhead_share"]))
@@ -186,15 +195,49 @@ def bench_archs(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     return {"bench": "archs", "device": "cpu", "n_clean": n_clean, "epochs": 1, "runs": rows}
 
 
+def bench_gpu(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.gpu import ARCH, QUICK_GPU, GpuSizes, run_gpu
+
+    if device.type != "cuda":
+        why = "no CUDA GPU on this machine" if not torch.cuda.is_available() else f"--device {device}"
+        print(f"gpu: needs a CUDA GPU ({why}); nothing measured")
+        return {"bench": "gpu", "skipped": f"no CUDA: {why}"}
+    out = run_gpu(device, sizes=QUICK_GPU if args.quick else GpuSizes(), seed=args.seed,
+                  victim_epochs=args.victim_epochs, arch=ARCH)
+    print(table([r for r in out["trial"] if "seconds" in r],
+                ["precision", "victims", "epochs", "seconds", "train_images_per_s",
+                 "eval_images_per_s", "syncs_per_epoch"]))
+    print(table([r for r in out.get("packing", []) if "wall_seconds" in r],
+                ["trials", "wall_seconds", "images_per_s", "throughput_ratio",
+                 "peak_memory_gb_per_trial"]))
+    agreement = out["agreement"]
+    if "runs" in agreement:
+        print(table(agreement["runs"], ["device", "precision", "acc", "asr", "within_noise"]))
+    print(f"gpu: {out['wall_seconds']:.0f} s in all")
+    return {"bench": "gpu", **out}
+
+
+def bench_payload(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from bench.payload import run_payload
+
+    kw: dict[str, Any] = {"seed": args.seed, "arch": args.arch}
+    if args.quick:
+        kw.update(victims=2, n_train=500, n_test=200)
+    out = run_payload(**kw)
+    print(table([out], ["victims", "arch", "train_images", "before_bytes", "after_bytes",
+                        "weights_bytes_per_victim", "saved_share"]))
+    return {"bench": "payload", **out}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=BENCHES)
     p.add_argument("--arch", default="cnn", choices=("cnn", "preact-resnet18"),
-                   help="trial / reference: the victim's architecture")
+                   help="trial / reference / packing: the victim's architecture")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this file")
     p.add_argument("--quick", action="store_true", help="tiny sizes: check the plumbing")
-    p.add_argument("--device", default="auto", help="trial / scaling: cpu, cuda or auto")
+    p.add_argument("--device", default="auto", help="trial / scaling / packing: cpu, cuda[:N] or auto")
     p.add_argument("--epochs", type=int, default=None,
                    help="defense epochs (trial/reference: 10, --quick 2; scaling: the defense's)")
     p.add_argument("--victim-epochs", type=int, default=None,
@@ -233,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     run = {"trial": bench_trial, "reference": bench_reference, "overhead": bench_overhead,
            "packing": bench_packing, "scaling": bench_scaling,
-           "allocator": bench_allocator, "archs": bench_archs}[args.name]
+           "allocator": bench_allocator, "archs": bench_archs, "gpu": bench_gpu,
+           "payload": bench_payload}[args.name]
     out = run(args, device)
     out["quick"] = bool(args.quick)
     out["machine"] = machine()

@@ -10,6 +10,7 @@ keeps ACC/ASR meaningful for the reference comparison.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,3 +114,31 @@ def digits_victims(attacks: tuple[str, ...] = DIGITS_ATTACKS, *, victim_epochs: 
                    attacks=tuple(attacks), clean_ratio=clean_ratio, device="cpu")
     splits = spec.load_splits()
     return splits, get_victims(spec, splits=splits, progress=False)
+
+
+# -- CIFAR-shaped data through the real cifar10 reader (packing, gpu) --------------------------
+CIFAR_TRAIN = 50_000  # as CIFAR-10: the defender's 5% is 2,500 images
+
+
+def write_cifar_shaped(root: Path, *, n_train: int = CIFAR_TRAIN, n_test: int = 10_000,
+                       seed: int = 0) -> Path:
+    """``root/cifar-10-batches-py/`` in CIFAR-10's own format (five training batches and a test
+    batch, the python pickles ``zoo.readers.read_cifar10`` reads) holding digits at 32x32 RGB,
+    drawn with replacement from the digits train and val+test images respectively; ``root``
+    returned, for ``ZooSpec(dataset="cifar10", data_root=root)``. Victims built from it must go
+    to a store of their own (their key says cifar10)."""
+    base = load_splits("digits", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    held_out = Split(torch.cat([base.val.x, base.test.x]), torch.cat([base.val.y, base.test.y]))
+    train, test = _draw(_to32(base.train), n_train, gen), _draw(_to32(held_out), n_test, gen)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    bounds = [round(i * n_train / 5) for i in range(6)]
+    parts = {f"data_batch_{i + 1}": train.subset(torch.arange(bounds[i], bounds[i + 1]))
+             for i in range(5)}
+    for name, split in {**parts, "test_batch": test}.items():
+        batch = {b"data": split.x.reshape(len(split), -1).numpy(),
+                 b"labels": split.y.tolist()}
+        with (folder / name).open("wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    return root

@@ -13,11 +13,14 @@ Ray start-up not hidden, trial actors' start (process start and imports), schedu
 Target: at most 10% of the wall time of the default search.
 
 packing (CUDA only): trials per hour with 1, 2 and 4 trials sharing one GPU
-(``gpus_per_trial`` 1, 0.5, 0.25; the trainable caps each one's memory at its share).
+(``gpus_per_trial`` 1, 0.5, 0.25; the trainable caps each one's memory at its share), on the
+given CUDA device, for ``--arch``: the digits zoo for the cnn, CIFAR-shaped data (digits at
+32x32 RGB in CIFAR-10's own files) for preact-resnet18.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -26,31 +29,41 @@ from typing import Any
 
 import torch
 
-from bench._setup import DIGITS_ATTACKS
+from bench._setup import CIFAR_TRAIN, DIGITS_ATTACKS, write_cifar_shaped
 from tuner.search import run_search
 from tuner.spec import ExperimentSpec, Scheduler
+from zoo.train import default_recipe
 from zoo.victims import ZooSpec
 
 
-def search_timing(*, defense: str = "ngf", num_samples: int = 16, scheduler: Scheduler = "asha",
-                  attacks: tuple[str, ...] = DIGITS_ATTACKS, max_epochs: int | None = None,
-                  cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0,
-                  final_seeds: int = 3, smoke_test: bool = False, zoo_dir: str | None = None,
-                  output: str | None = None) -> dict[str, Any]:
-    """One search through ``run_search``; its ``timing.json`` plus the derived figures."""
-    with tempfile.TemporaryDirectory() as tmp:
+def search_spec(*, defense: str = "ngf", num_samples: int = 16, scheduler: Scheduler = "asha",
+                attacks: tuple[str, ...] = DIGITS_ATTACKS, max_epochs: int | None = None,
+                cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, seed: int = 0,
+                final_seeds: int = 3, smoke_test: bool = False, zoo_dir: str | None = None,
+                output: str | Path, zoo: ZooSpec | None = None,
+                sequela: bool = True) -> ExperimentSpec:
+    """The spec of one timed search: the digits zoo of ``attacks`` unless ``zoo`` is given."""
+    if zoo is None:
         zoo = ZooSpec(attacks=attacks, seed=seed, zoo_dir=Path(zoo_dir) if zoo_dir else None)
-        spec = ExperimentSpec(defense=defense, zoo=zoo, num_samples=num_samples,
-                              scheduler=scheduler, max_epochs=max_epochs,
-                              cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                              final_seeds=final_seeds, smoke_test=smoke_test,
-                              output=Path(output or tmp), name=f"bench-{time.time_ns()}")
+    return ExperimentSpec(defense=defense, zoo=zoo, num_samples=num_samples,
+                          scheduler=scheduler, max_epochs=max_epochs,
+                          cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                          final_seeds=final_seeds, smoke_test=smoke_test,
+                          output=Path(output), name=f"bench-{time.time_ns()}", sequela=sequela)
+
+
+def search_timing(*, output: str | None = None, **kw: Any) -> dict[str, Any]:
+    """One search through ``run_search`` (``search_spec``'s arguments); its ``timing.json``
+    plus the derived figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = search_spec(output=output or tmp, **kw)
         run = run_search(spec)
         timing = json.loads((run / "timing.json").read_text())
         records = json.loads((run / "trials.json").read_text())
     return summarize(timing, records, extra={
-        "defense": defense, "scheduler": scheduler, "attacks": len(attacks),
-        "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial})
+        "defense": spec.defense, "scheduler": spec.scheduler, "attacks": len(spec.attacks),
+        "dataset": spec.zoo.dataset, "arch": spec.zoo.arch, "device": spec.zoo.device,
+        "cpus_per_trial": spec.cpus_per_trial, "gpus_per_trial": spec.gpus})
 
 
 def summarize(timing: dict[str, Any], records: list[dict[str, Any]],
@@ -79,15 +92,45 @@ def run_overhead(*, zoo_dir: str | None = None, **kw: Any) -> dict[str, Any]:
 
 
 PACKING = (1, 2, 4)
+PACKING_VICTIM_EPOCHS = 2  # PreAct victims: the packing figures do not depend on their quality
 
 
-def run_packing(*, num_samples: int = 8, **kw: Any) -> dict[str, Any]:
-    """Trials per hour with 1, 2 and 4 trials per GPU; ``{"skipped": "no CUDA"}`` without one."""
+def packing_zoo(arch: str, device: torch.device, workdir: Path, *, attacks: tuple[str, ...],
+                seed: int = 0, zoo_dir: str | None = None, victim_epochs: int | None = None,
+                n_train: int = CIFAR_TRAIN, n_test: int = 10_000) -> ZooSpec:
+    """The victims of the packing search, on ``device``: the digits zoo for the cnn; for
+    preact-resnet18, CIFAR-shaped data (``bench._setup.write_cifar_shaped`` under ``workdir``,
+    read as cifar10) and victims trained for ``victim_epochs`` epochs (default 2) into a store
+    under ``workdir`` unless ``zoo_dir`` is given."""
+    if arch == "cnn":
+        return ZooSpec(attacks=attacks, seed=seed, zoo_dir=Path(zoo_dir) if zoo_dir else None,
+                       device=str(device))
+    root = write_cifar_shaped(workdir / "data", n_train=n_train, n_test=n_test, seed=seed)
+    recipe = dataclasses.replace(default_recipe("cifar10", arch),
+                                 epochs=victim_epochs or PACKING_VICTIM_EPOCHS)
+    return ZooSpec("cifar10", data_root=root, arch=arch, attacks=attacks, seed=seed,
+                   zoo_dir=Path(zoo_dir) if zoo_dir else workdir / "zoo", recipe=recipe,
+                   device=str(device))
+
+
+def run_packing(*, arch: str = "cnn", device: torch.device | None = None, num_samples: int = 8,
+                attacks: tuple[str, ...] = DIGITS_ATTACKS, seed: int = 0,
+                zoo_dir: str | None = None, victim_epochs: int | None = None,
+                n_train: int = CIFAR_TRAIN, n_test: int = 10_000, **kw: Any) -> dict[str, Any]:
+    """Trials per hour with 1, 2 and 4 trials per GPU on ``device`` (default: the first CUDA
+    device); ``{"skipped": "no CUDA"}`` without one."""
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA"}
+    device = device or torch.device("cuda")
+    if device.type != "cuda":
+        raise ValueError(f"packing: device {device} is not a CUDA device")
     rows = []
-    for k in PACKING:
-        r = search_timing(num_samples=max(num_samples, k), gpus_per_trial=1.0 / k,
-                          cpus_per_trial=1.0, final_seeds=1, **kw)
-        rows.append({"trials_per_gpu": k, **r})
-    return {"runs": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        zoo = packing_zoo(arch, device, Path(tmp), attacks=attacks, seed=seed, zoo_dir=zoo_dir,
+                          victim_epochs=victim_epochs, n_train=n_train, n_test=n_test)
+        for k in PACKING:
+            r = search_timing(num_samples=max(num_samples, k), gpus_per_trial=1.0 / k,
+                              cpus_per_trial=1.0, final_seeds=1, sequela=False, zoo=zoo,
+                              seed=seed, **kw)
+            rows.append({"trials_per_gpu": k, **r})
+    return {"arch": arch, "dataset": zoo.dataset, "runs": rows}

@@ -219,6 +219,197 @@ def test_no_host_sync_per_step(name: str, monkeypatch: Any) -> None:
     assert syncs(32) == syncs(128)  # 2 vs 8 steps per epoch
 
 
+FROM_PYTHON = ("tensor", "as_tensor", "from_numpy", "scalar_tensor")
+
+
+def count_tensors_from_python(monkeypatch: Any, run: Any) -> int:
+    """Tensors built from Python or numpy data while ``run()`` runs: on CUDA each one placed on
+    the device is a blocking host-to-device copy (a synchronisation)."""
+    calls = [0]
+    for name in FROM_PYTHON:
+        original = getattr(torch, name)
+
+        def wrapped(*a: Any, _f: Any = original, **k: Any) -> Any:
+            calls[0] += 1
+            return _f(*a, **k)
+
+        monkeypatch.setattr(torch, name, wrapped)
+    run()
+    monkeypatch.undo()
+    return calls[0]
+
+
+@pytest.mark.parametrize("name", sorted(defenses.REGISTRY))
+def test_no_tensor_from_python_data_per_step(name: str, monkeypatch: Any) -> None:
+    """A step builds no tensor from Python data (normalize's mean/std are cached per device):
+    the count per epoch does not grow with the steps, for training and for evaluation."""
+    from zoo.metrics import evaluate
+
+    splits = load_splits("digits", seed=0)
+    info = splits.info
+
+    def built(n_images: int) -> int:
+        clean = splits.train.subset(torch.arange(n_images))
+        cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
+        model = build_model("cnn", info)
+        gen = defenses.get_defense(name).run(model, clean, info, cfg, seed=0, device=CPU)
+        return count_tensors_from_python(monkeypatch, lambda: (
+            list(gen), evaluate(model, clean, clean, 0, info, device=CPU, batch_size=16)))
+
+    assert built(32) == built(128)  # 2 vs 8 steps per epoch, 2 vs 8 evaluation batches
+
+
+def test_normalize_stats_are_cached_per_device_and_dtype() -> None:
+    from zoo.loader import channel_stats, normalize
+
+    info = load_splits("digits", seed=0).info
+    a = channel_stats(info.mean, info.std, CPU)
+    assert channel_stats(info.mean, info.std, CPU) is a
+    assert channel_stats(info.mean, info.std, CPU, torch.float64)[0].dtype == torch.float64
+    with torch.inference_mode():  # first built under inference_mode: still a normal tensor
+        b = channel_stats((0.25,), (0.5,), CPU)
+    assert not b[0].is_inference()
+    x = torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)
+    want = (1.0 - info.mean[0]) / info.std[0]
+    torch.testing.assert_close(normalize(x, info), torch.full((1, 1, 2, 2), want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_in_cuda_batches() -> None:
+    """Where CUDA exists: ``set_sync_debug_mode("error")`` turns any synchronising call while
+    batches are drawn (a blocking host-to-device copy, an ``.item()``) into an error."""
+    from zoo.loader import DeviceLoader
+
+    splits = load_splits("digits", seed=0)
+    dev = torch.device("cuda", torch.cuda.current_device())
+    loader = DeviceLoader(splits.train.subset(torch.arange(64)), splits.info, batch_size=16,
+                          device=dev, seed=0)
+    next(iter(loader))  # the first batch builds normalize's mean/std on the device (one copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 4
+
+
+# -- bench packing (CUDA faked) ----------------------------------------------------------------
+def test_packing_sets_the_cuda_device_and_honours_arch(monkeypatch: Any, tmp_path: Path) -> None:
+    """Each packed search gets a spec on the CUDA device, for --arch (preact-resnet18: the
+    CIFAR-shaped data read as cifar10, short victims in a store of the bench's own), and
+    that spec passes the search's own checks (check_world), which refuse GPU shares on 'cpu'."""
+    import bench.__main__ as bench_main
+    from bench import overhead
+
+    specs = []
+
+    def timing(**kw: Any) -> dict[str, Any]:
+        spec = overhead.search_spec(output=tmp_path / "runs", **kw)
+        spec.check_world()
+        specs.append(spec)
+        splits = spec.zoo.load_splits()
+        assert (splits.info.name, splits.info.size, splits.info.channels) == ("cifar10", 32, 3)
+        return {"trials": 4, "search_wall_seconds": 1.0, "trials_per_hour": 1.0,
+                "overhead_share": 0.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(overhead, "search_timing", timing)
+    monkeypatch.setattr(bench_main, "machine", lambda: {})  # asks the (absent) GPU its name
+    assert main(["packing", "--arch", "preact-resnet18", "--quick", "--json",
+                 str(tmp_path / "p.json")]) == 0
+    assert [s.gpus for s in specs] == [1.0, 0.5, 0.25]
+    for s in specs:
+        assert (s.zoo.device, s.zoo.arch, s.zoo.dataset) == ("cuda", "preact-resnet18", "cifar10")
+        assert s.zoo.recipe is not None and s.zoo.recipe.epochs == overhead.PACKING_VICTIM_EPOCHS
+        assert s.zoo.zoo_dir is not None and "zoo" in s.zoo.zoo_dir.name and not s.sequela
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["arch"] == "preact-resnet18" and len(out["runs"]) == 3
+
+
+def test_packing_without_cuda_says_so(capsys: Any) -> None:
+    assert main(["packing", "--device", "cpu", "--quick"]) == 0
+    assert "packing needs CUDA" in capsys.readouterr().out
+
+
+# -- bench gpu ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["gpu", "--device", "cpu"], ["gpu"]])
+def test_bench_gpu_on_a_cpu_machine_says_so_and_exits_0(argv: list[str], monkeypatch: Any,
+                                                         tmp_path: Path, capsys: Any) -> None:
+    import bench.gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench.gpu, "run_gpu", lambda *a, **k: pytest.fail("measured on a CPU"))
+    assert main([*argv, "--json", str(tmp_path / "g.json")]) == 0
+    assert "gpu: needs a CUDA GPU (no CUDA GPU on this machine); nothing measured" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["skipped"].startswith("no CUDA")
+
+
+def test_bench_gpu_parts_run_on_the_cpu_with_tiny_sizes() -> None:
+    """The GPU command's measurements, on the CPU at QUICK_GPU sizes with the cnn: keys and
+    sanity (syncs are counted on CUDA only); the packed workload survives its file."""
+    from bench.gpu import QUICK_GPU, run_gpu
+
+    torch.set_num_threads(1)
+    out = run_gpu(CPU, sizes=QUICK_GPU, arch="cnn", victim_epochs=1, packing=False)
+    assert [r["precision"] for r in out["trial"]] == ["bf16", "fp32"]
+    for r in out["trial"]:
+        assert r["victims"] == 2 and r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+        assert r["syncs_per_epoch"] is None
+    ag = out["agreement"]
+    assert [(r["device"], r["precision"]) for r in ag["runs"]] == [
+        ("cpu", "fp32"), ("cpu", "fp32"), ("cpu", "bf16")]
+    assert ag["runs"][1]["within_noise"] and ag["runs"][1]["acc"] == ag["runs"][0]["acc"]
+    assert 0 < out["wall_seconds"]
+
+
+def test_bench_gpu_workload_file_round_trip(tmp_path: Path, workload: Any) -> None:
+    from bench.gpu import _load, _save
+
+    val = (workload.test, workload.triggered)
+    _save(str(tmp_path / "w.pt"), workload, val)
+    w, (vc, vt) = _load(str(tmp_path / "w.pt"))
+    assert w.info == workload.info and w.target == workload.target
+    assert torch.equal(w.clean.x, workload.clean.x) and torch.equal(vt.y, workload.triggered.y)
+    assert all(torch.equal(w.victim[k], workload.victim[k]) for k in workload.victim)
+
+
+# -- trial payload -----------------------------------------------------------------------------
+def _victim(splits: Any, name: str = "badnets") -> Any:
+    from zoo.attacks import make_attack
+    from zoo.victims import Victim
+
+    torch.manual_seed(0)
+    attack = make_attack("badnets", splits.info, seed=0)
+    m = Metrics(90.0, 95.0, 3.0)
+    return Victim(name, "digits", "cnn", splits.info, 0, build_model("cnn", splits.info).state_dict(),
+                  attack, attack.triggered(splits.val), attack.triggered(splits.test),
+                  {"val": m, "test": m}, key="k", seconds=0.0, built=True, poison_rate=0.1)
+
+
+def test_trial_payload_drops_what_trials_do_not_use_and_scores_the_same() -> None:
+    from tuner.evaluation import trial_payload
+
+    splits = load_splits("digits", seed=0)
+    victims = [_victim(splits)]
+    slim_v, slim_s = trial_payload(victims, splits)
+    assert len(slim_s.train) == 0 and len(slim_s.test) == 0 and len(slim_v[0].bd_test) == 0
+    assert slim_v[0].attack_obj is None and slim_v[0].state_dict is victims[0].state_dict
+    assert len(victims[0].bd_test) > 0 and len(splits.train) > 0  # the driver's copies intact
+    kw = dict(seed=1, device=CPU)
+    full = list(trial_epochs("ft", {"epochs": 2}, victims, splits, **kw))
+    slim = list(trial_epochs("ft", {"epochs": 2}, slim_v, slim_s, **kw))
+    assert [i["per_attack"] for i in full] == [i["per_attack"] for i in slim]
+    same_v, same_s = trial_payload(victims, splits, retune=True)  # the robust objective
+    assert same_s is splits and same_v[0] is victims[0]
+
+
+def test_payload_bench_counts_bytes_before_and_after(tmp_path: Path) -> None:
+    assert main(["payload", "--quick", "--arch", "cnn", "--json", str(tmp_path / "p.json")]) == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    assert out["victims"] == 2 and 0 < out["after_bytes"] < out["before_bytes"]
+
+
 # -- GPU memory cap and device choice (CUDA faked) -------------------------------------------
 def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> None:
     from tuner import trainable  # imports ray, starts nothing

@@ -20,6 +20,26 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, nati
     assert runtime.use_bf16(CPU, "fp32") is False and runtime.use_bf16(CPU, "bf16") is True
 
 
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                                   ((8, 6), True), ((9, 0), True)])
+def test_auto_precision_is_bf16_only_on_a_gpu_with_native_bf16(monkeypatch, capability, native) -> None:
+    """V100 (7.0) and T4 (7.5) emulate bf16 (``is_bf16_supported()`` says yes there): fp32;
+    Ampere (8.x) and Hopper (9.0) compute it natively: bf16. Device properties faked."""
+    seen = []
+
+    def props(device=None):
+        seen.append(device)
+        return type("Props", (), {"major": capability[0], "minor": capability[1]})()
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    cuda1 = torch.device("cuda", 1)
+    assert runtime.use_bf16(cuda1, "auto") is native
+    assert seen and torch.device(seen[-1]) == cuda1  # the trial's own GPU, not GPU 0
+    assert runtime.use_bf16(cuda1, "fp32") is False and runtime.use_bf16(cuda1, "bf16") is True
+
+
 def test_unknown_precision_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"precision 'fp16': expected one of auto, fp32, bf16"):
         runtime.use_bf16(CPU, "fp16")

@@ -318,3 +318,98 @@ def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
     runs = search.final_evaluation(spec, {}, sets, None)
     assert [(r["victim_seed"], r["defense_seed"]) for r in runs] == [(0, 0), (0, 1)]
     assert seen == [2, 2] and torch.get_num_threads() == before
+
+
+SHIPPED_DRIVER = textwrap.dedent("""
+    import json, sys, time
+    from types import SimpleNamespace
+    import zoo
+    from tuner import trainable
+    from tuner.spaces import load_space
+    from tuner.spec import ExperimentSpec
+    from tuner.study import sampler_settings
+
+    def epochs_fn(defense, params, victims, splits, **kw):
+        import zoo._shipped_marker  # only in the driver's copy of the project
+        time.sleep(4.0)  # both trials at once: one on each node
+        yield {"epoch": 1, "diverged": False,
+               "per_attack": {"badnets": {"acc": 90.0, "asr": 5.0, "ra": 80.0, "der": 70.0}}}
+
+    assert zoo.__file__.startswith(sys.argv[2]), zoo.__file__  # the driver runs the copy
+    spec = ExperimentSpec.from_dict(json.loads(sys.argv[1]))
+    if sys.argv[3] == "no-shipping":  # what a join without py_modules did before
+        trainable.cluster_runtime_env = dict
+    trainable.start_ray(spec)
+    try:
+        records = trainable.run_tune(spec, load_space("ft", dataset="digits"),
+                                     [SimpleNamespace(attack="badnets")], None, max_t=1,
+                                     sampler=sampler_settings(0, spec.num_samples),
+                                     epochs_fn=epochs_fn)
+    finally:
+        trainable.stop_ray()
+    print("RECORDS", json.dumps([[r.state, r.node, r.error] for r in records]))
+""")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("shipping", ["shipping", "no-shipping"])
+def test_cluster_workers_run_the_drivers_shipped_code(tmp_path: Path, shipping: str) -> None:
+    """A driver joins a two-node cluster (``--address``) with a copy of the project that no
+    node has on its path (the copy holds a module the nodes' own project lacks); its trials,
+    one per node, import that module: the code reached the workers through Ray (py_modules).
+    Without shipping (the join as it was) every trial fails: the test sees the problem."""
+    import shutil
+
+    from ray.cluster_utils import Cluster
+
+    copy = tmp_path / "driver_copy"
+    for pkg in ("tuner", "defenses", "zoo", "search_spaces"):
+        shutil.copytree(ROOT / pkg, copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "zoo" / "_shipped_marker.py").write_text("SHIPPED = True\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    script = elsewhere / "driver.py"
+    script.write_text(SHIPPED_DRIVER)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+    try:
+        cluster.wait_for_nodes()
+        spec = make_spec(tmp_path, num_samples=2, address=cluster.address)
+        env = {**os.environ, "PYTHONPATH": str(copy)}
+        out = subprocess.run([sys.executable, str(script), json.dumps(spec.to_dict()), str(copy),
+                              shipping], env=env, cwd=elsewhere, capture_output=True, text=True,
+                             timeout=180)
+    finally:
+        cluster.shutdown()
+    assert "RECORDS" in out.stdout, (out.stdout + out.stderr)[-3000:]
+    rows = json.loads(out.stdout.split("RECORDS", 1)[1])
+    if shipping == "no-shipping":
+        assert [r[0] for r in rows] == ["error", "error"], rows
+        assert all("_shipped_marker" in str(r[2]) for r in rows), rows
+        return
+    assert [r[0] for r in rows] == ["complete", "complete"], rows
+    assert len({r[1] for r in rows}) == 2  # one trial on each node
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_storage_uri_holds_the_experiment_and_resume_reads_it(tmp_path: Path,
+                                                               ray_local: None) -> None:
+    """--storage file:///...: Tune's experiment lands there (not in the run folder), and a
+    resumed search restores from it: finished trials are kept, none runs again."""
+    store = tmp_path / "store"
+    log = tmp_path / "log.txt"
+    log.touch()
+    spec = make_spec(tmp_path, num_samples=2, storage=f"file://{store}")
+    first = run(spec, sleeper(0.2, str(log)))
+    assert [r.state for r in first] == ["complete", "complete"]
+    assert (store / "run").is_dir() and list((store / "run").glob("experiment_state*.json"))
+    assert not (tmp_path / "run" / "ray").exists()
+    again = run(make_spec(tmp_path, num_samples=2, storage=f"file://{store}", resume=True),
+                sleeper(0.2, str(log)))
+    assert [(r.number, r.state, r.params) for r in again] == [
+        (r.number, r.state, r.params) for r in first]
+    assert log.read_text().count("end ") == 2  # restored, not rerun

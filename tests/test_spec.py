@@ -168,3 +168,38 @@ def test_val_subsample_flag_is_validated_before_anything_starts(tmp_path, capsys
     assert main(["--defense", "ngf", "--val-subsample", "0", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--val-subsample" in err and "\n" not in err and not out.exists()
+
+
+# -- --storage ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("value", "want"), [
+    ("file:///shared/tune", "file:///shared/tune"), ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ("gs://b", "gs://b"), ("/abs/dir", "/abs/dir")])
+def test_storage_accepts_uris_and_absolute_paths(value: str, want: str) -> None:
+    spec = ExperimentSpec(defense="ft", name="n", storage=value)
+    assert spec.storage == want and spec.experiment_path == f"{want}/n"
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("relative/dir", "a local path must be absolute"), ("file://rel/dir", "needs an absolute path"),
+    ("s3://", "expected a bucket or path"), ("::/x://", "expected a URI")])
+def test_storage_refuses_what_tune_cannot_use_in_one_line(value: str, says: str) -> None:
+    with pytest.raises(UsageError, match=says):
+        ExperimentSpec(defense="ft", name="n", storage=value)
+
+
+def test_without_storage_the_experiment_stays_in_the_run_folder(tmp_path: Path) -> None:
+    spec = ExperimentSpec(defense="ft", name="n", output=tmp_path)
+    assert spec.experiment_path == str(tmp_path / "n" / "ray")
+
+
+def test_storage_flag_reaches_the_spec_and_resume_keeps_the_stored_one(tmp_path: Path) -> None:
+    stored = ExperimentSpec(defense="ft", name="n", output=tmp_path, storage="file:///a")
+    given = ExperimentSpec(defense="ft", name="n", output=tmp_path, resume=True)
+    assert given.resumed_from(stored).storage == "file:///a"
+    assert ExperimentSpec.from_dict(stored.to_dict()).storage == "file:///a"
+
+
+def test_storage_flag_from_the_command_line(tmp_path: Path) -> None:
+    spec = from_args(parse("--defense", "ft", "--output", str(tmp_path), "--device", "cpu",
+                           "--storage", f"file://{tmp_path}/tune"))
+    assert spec.storage == f"file://{tmp_path}/tune"

@@ -36,7 +36,7 @@ from zoo.sequela import sequela as measure_sequela
 from zoo.victims import Victim
 
 __all__ = ["DIVERGED_METRICS", "CostMeter", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
-           "seeded_epochs", "subsample_index", "trial_epochs"]
+           "seeded_epochs", "subsample_index", "trial_epochs", "trial_payload"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 
@@ -177,6 +177,21 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
         yield item
         if all(s == "diverged" for s in state.values()):
             return
+
+
+def trial_payload(victims: Sequence[Any], splits: Splits, *, retune: bool = False
+                  ) -> tuple[list[Any], Splits]:
+    """What a search trial uses of the victims and splits, and nothing more: every trial
+    unpickles its payload, and the train and test splits and the victims' triggered test sets
+    are most of it (CIFAR-10: 50,000 training images). Kept: the clean and val splits, each
+    victim's weights, triggered val set and metrics. The re-tuning attack (``retune``, the
+    robust objective) poisons the training split with the victim's attack: then all is kept."""
+    if retune:
+        return list(victims), splits
+    none = torch.arange(0)
+    slim = dataclasses.replace(splits, train=splits.train.subset(none), test=splits.test.subset(none))
+    return [dataclasses.replace(v, bd_test=v.bd_test.subset(none), attack_obj=None)
+            for v in victims], slim
 
 
 def _item(epoch: int, runs: Mapping[str, Any], last: Mapping[str, dict[str, float]],

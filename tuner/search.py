@@ -37,7 +37,7 @@ import torch
 
 from tuner import study as S
 from tuner._io import write_json
-from tuner.evaluation import anchors, mia_before, resolve_config, run_config
+from tuner.evaluation import anchors, mia_before, resolve_config, run_config, trial_payload
 from tuner.records import TrialRecord, least_infeasible, pick_best
 from tuner.report import console_summary, write_report
 from tuner.spaces import Space, space_to_json
@@ -316,7 +316,9 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
         slots = trainable.max_concurrent(spec)
-        records = trainable.run_tune(spec, space, victims, splits, sampler=sampler,
+        # Trials get only what they use (no train/test split, no triggered test sets).
+        trial_victims, trial_splits = trial_payload(victims, splits, retune=spec.objective == "robust")
+        records = trainable.run_tune(spec, space, trial_victims, trial_splits, sampler=sampler,
                                      max_t=max_epochs_of_space(spec, space), epochs_fn=epochs_fn)
         ray_bg.stop()  # Ray stops while the final evaluation runs
         search_s = time.perf_counter() - t1

@@ -38,7 +38,7 @@ from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
 from zoo.victims import ZooSpec, check_victim_names
 
-__all__ = ["ExperimentSpec", "check_writable", "default_name", "from_args", "victims_default"]
+__all__ = ["ExperimentSpec", "check_storage", "check_writable", "default_name", "from_args", "victims_default"]
 
 Scheduler = Literal["asha", "fifo"]
 # The smoke-test victims train this many epochs (stored apart from the real ones): enough to
@@ -136,6 +136,12 @@ class ExperimentSpec:
         group="resources and cluster", resource=True))
     output: Path = field(default=Path("runs"), metadata=_opt(
         "parent folder of run folders", group="output", resource=True))
+    storage: str | None = field(default=None, metadata=_opt(
+        "where Ray Tune keeps the experiment (its state, trial results, checkpoints): a URI "
+        "every node reaches on a multi-node cluster (s3://..., gs://..., file:///shared/nfs) "
+        "or an absolute path; the experiment is STORAGE/NAME, and --resume continues from it. "
+        "spec.json, trials.json, study.db and the report stay in OUTPUT/NAME on the driver",
+        default_text="OUTPUT/NAME/ray", metavar="URI", group="output"))
     name: str | None = field(default=None, metadata=_opt(
         f"run folder name: letters, digits, '.', '_', '-', at most {MAX_NAME} characters",
         default_text="<defense>-<dataset>-<YYYYmmdd-HHMMSS>", group="output", resource=True))
@@ -210,6 +216,8 @@ class ExperimentSpec:
                              "elsewhere) has only a triggered test set: expected built-in attacks "
                              "or another --objective")
         check_name(str(self.name))
+        if self.storage is not None:
+            object.__setattr__(self, "storage", check_storage(self.storage))
         if self.address is not None:
             check_address(self.address)
 
@@ -217,6 +225,13 @@ class ExperimentSpec:
     @property
     def run_dir(self) -> Path:
         return self.output / str(self.name)
+
+    @property
+    def experiment_path(self) -> str:
+        """Where Tune keeps this search's experiment: ``STORAGE/NAME``, else ``run_dir/ray``."""
+        if self.storage is None:
+            return str(self.run_dir / "ray")
+        return f"{self.storage.rstrip('/')}/{self.name}"
 
     @property
     def gpus(self) -> float:
@@ -343,6 +358,32 @@ def check_gpus_per_trial(value: float) -> None:
     if not ok:
         raise UsageError(f"--gpus-per-trial {value}: expected 0, a share of one GPU in (0, 1], "
                          "or a whole number of GPUs")
+
+
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.\-]*)://(.*)$")
+
+
+def check_storage(value: str) -> str:
+    """``--storage``: a URI ``scheme://...`` (``file://`` with an absolute path) or an
+    absolute local path; returned as given (a path made absolute)."""
+    text = str(value).strip()
+    match = _SCHEME.match(text)
+    if match is None:
+        if "://" in text or not text:
+            raise UsageError(f"--storage {value!r}: expected a URI such as s3://bucket/prefix or "
+                             "file:///abs/path, or an absolute path")
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            raise UsageError(f"--storage {value!r}: a local path must be absolute (Ray Tune's "
+                             "storage_path is), e.g. file:///abs/path")
+        return str(path)
+    scheme, rest = match.groups()
+    if scheme == "file" and not rest.startswith("/"):
+        raise UsageError(f"--storage {value!r}: a file:// URI needs an absolute path "
+                         "(file:///abs/path)")
+    if not rest.strip("/"):
+        raise UsageError(f"--storage {value!r}: expected a bucket or path after {scheme}://")
+    return text
 
 
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")

@@ -36,7 +36,8 @@ from tuner.spec import ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "max_concurrent", "run_tune", "start_ray", "stop_ray", "trial"]
+__all__ = ["OptunaSearcher", "cluster_runtime_env", "max_concurrent", "run_tune", "start_ray",
+           "stop_ray", "trial"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -96,11 +97,25 @@ def start_ray(spec: ExperimentSpec) -> bool:
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
     try:
-        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address=spec.address, log_to_driver=False, logging_level=logging.ERROR,
+                 runtime_env=cluster_runtime_env())
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: {first}") from None
     return True
+
+
+def cluster_runtime_env() -> dict[str, Any]:
+    """What a joined cluster's workers get: this driver's own ``tuner``, ``defenses`` and
+    ``zoo`` packages, uploaded by Ray (``py_modules``) and put first on the workers' path, so
+    trials run on nodes where the project is not installed, and never run another version of
+    it. The workers still need the project's dependencies (torch, optuna, ray, numpy, PyYAML,
+    safetensors: the same versions as the driver's)."""
+    import defenses
+    import tuner
+    import zoo
+
+    return {"py_modules": [tuner, defenses, zoo]}
 
 
 def stop_ray() -> None:
@@ -194,9 +209,9 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits,
                               epochs_fn=epochs_fn)
     trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
-    path = spec.run_dir / "ray"
-    if spec.resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+    path = spec.experiment_path  # --storage (a URI Tune's storage layer reaches) or run_dir/ray
+    if spec.resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         print(f"resuming {path}", flush=True)
     else:
@@ -209,7 +224,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
             num_samples=spec.num_samples, max_concurrent_trials=limit, search_alg=searcher,
             time_budget_s=spec.budget_seconds,
             scheduler=scheduler, reuse_actors=True), run_config=tune.RunConfig(
-            storage_path=str(spec.run_dir), name="ray", verbose=0,
+            storage_path=path.rsplit("/", 1)[0], name=path.rsplit("/", 1)[1], verbose=0,
             failure_config=tune.FailureConfig(max_failures=2),
             callbacks=[ProgressCallback(spec.num_samples), JsonLoggerCallback(),
                        CSVLoggerCallback()]))
@@ -218,7 +233,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     tuner.fit()
     # Read the states back from the experiment as saved: in a restored run the in-memory
     # result of a trial finished before the interruption can lack its "done" flag.
-    analysis = tune.ExperimentAnalysis(str(path))
+    analysis = tune.ExperimentAnalysis(path)
     frames = analysis.trial_dataframes
     records = []
     for t in analysis.trials:

@@ -7,6 +7,7 @@ horizontal flip, both vectorized over the batch, then conversion to float and no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -14,13 +15,26 @@ import torch
 from zoo.data import DatasetInfo, Split
 from zoo.runtime import to_device_layout
 
-__all__ = ["DeviceLoader", "augment", "normalize"]
+__all__ = ["DeviceLoader", "augment", "channel_stats", "normalize"]
+
+
+@functools.lru_cache(maxsize=64)  # a few datasets x devices x dtypes per process
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``mean`` and ``std`` as 1,C,1,1 tensors on ``device``, built once per
+    (values, device, dtype): building them from Python floats on every batch is a blocking
+    host-to-device copy on CUDA (a synchronisation per batch). Callers must not modify them."""
+    # Normal tensors even when first asked for under inference_mode: an inference tensor
+    # could not be saved for a later backward pass (to_model_input differentiates through it).
+    with torch.inference_mode(False), torch.no_grad():
+        m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1).to(device)
+        s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1).to(device)
+    return m, s
 
 
 def normalize(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """uint8 N,C,H,W -> float, scaled to [0, 1] then standardized per channel."""
-    mean = torch.tensor(info.mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    mean, std = channel_stats(info.mean, info.std, x.device)
     return (x.float() / 255.0 - mean) / std
 
 

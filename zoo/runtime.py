@@ -3,8 +3,10 @@
 channels_last everywhere: convolutions in NHWC run faster on CUDA (cuDNN) and on CPU (oneDNN),
 with the same results (bench/README.md).
 
-``precision="auto"`` means bf16 autocast where the hardware computes in bf16 natively: a CUDA
-GPU that supports it, or a CPU with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU, where bf16
+``precision="auto"`` means bf16 autocast where the hardware computes in bf16 natively: an NVIDIA
+GPU of compute capability 8.0 or above (Ampere on; ``torch.cuda.is_bf16_supported()`` also says
+yes on a V100 or T4, which emulate it, slower than fp32), a ROCm GPU that supports it, or a CPU
+with AMX or AVX512-BF16. Elsewhere (an AVX2-only CPU, where bf16
 is emulated and slower) "auto" is fp32. ``"fp32"`` and ``"bf16"`` force one or the other
 (``--precision``).
 """
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "eval_batch_size",
-           "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
+           "cuda_has_native_bf16", "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
            "seed_everything", "to_device_layout", "use_bf16"]
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -65,13 +67,24 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+NATIVE_BF16_CAPABILITY = (8, 0)  # NVIDIA Ampere (A100) and later have bf16 tensor cores
+
+
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """True where the CUDA device computes bf16 in hardware: compute capability >= 8.0 on
+    NVIDIA; on ROCm (no such capability), what torch reports without emulation."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
 def use_bf16(device: torch.device, precision: Precision = "auto") -> bool:
     """Whether ``precision`` means bf16 autocast on ``device`` (see the module docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            return cuda_has_native_bf16(device)
         return device.type == "cpu" and cpu_has_native_bf16()
     return precision == "bf16"
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from zoo.attacks.base import Attack
 from zoo.data import DatasetInfo
+from zoo.loader import channel_stats
 from zoo.progress import Progress
 
 __all__ = ["PreparedAttack", "building_progress", "digest", "gaussian_kernel", "load_module", "module_state",
@@ -29,8 +30,7 @@ def digest(*tensors: torch.Tensor) -> str:
 
 def to_model_input(x01: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """Images in [0, 1] -> the classifier's normalized input (differentiable)."""
-    mean = torch.tensor(info.mean, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
+    mean, std = channel_stats(info.mean, info.std, x01.device, x01.dtype)
     return (x01 - mean) / std
 
 
