@@ -126,7 +126,8 @@ def test_repeated_victims_get_distinct_names() -> None:
 def test_overhead_figures_come_from_the_runs_timing() -> None:
     from tuner.search import timing
 
-    records = [{"seconds": 9.0, "state": "complete"}] * 3 + [{"seconds": 9.0, "state": "pruned"}]
+    cost = {"cpu_seconds": 8.0, "device_seconds": 8.0, "gpu_peak_mb": None}
+    records = [{"seconds": 9.0, "state": "complete", **cost}] * 3 + [{"seconds": 9.0, "state": "pruned", **cost}]
     t = timing(wall=40.0, victims=2.0, search=19.0, final=10.0, ray_waited=1.0,
                records=[SimpleNamespace(**r) for r in records], slots=2)
     r = summarize(t, records)
@@ -134,6 +135,7 @@ def test_overhead_figures_come_from_the_runs_timing() -> None:
     assert r["overhead_share"] == pytest.approx(0.1)
     assert r["trials_per_hour"] == pytest.approx(720.0)
     assert r["states"] == {"complete": 3, "pruned": 1}
+    assert t["trial_cpu_seconds"] == t["device_seconds"] == 32.0 and t["gpu_peak_mb"] == 0.0
 
 
 @pytest.mark.ray
@@ -418,7 +420,10 @@ def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
                         lambda f, d=None: capped.append((f, torch.device(d).type)))
-    monkeypatch.setattr(trainable.tune, "report", lambda m: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: 3 * 2**20)
+    reports: list[dict] = []
+    monkeypatch.setattr(trainable.tune, "report", reports.append)
     monkeypatch.setattr(trainable.ray, "get_runtime_context",
                         lambda: SimpleNamespace(get_node_id=lambda: "n"))
 
@@ -436,6 +441,8 @@ def test_trial_caps_gpu_memory_at_its_share_and_picks_cuda(monkeypatch: Any) -> 
             spec = ExperimentSpec(defense="ft", name="n", max_epochs=1, gpus_per_trial=gpus)
             trainable.trial({}, spec=spec, victims=[], splits=None, epochs_fn=epochs_fn)
             assert capped == want_cap and seen["device"].type == want_dev
+            # the cost a CUDA trial reports carries its peak memory; a CPU trial's does not
+            assert (reports[-1].get("gpu_peak_mb") == 3.0) == (want_dev == "cuda")
     finally:
         torch.set_num_threads(before)
 
