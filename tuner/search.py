@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from tuner import study as S
-from tuner._io import write_json
+from tuner._io import RunLock, write_json
 from tuner.evaluation import anchors, mia_before, resolve_config, run_config
 from tuner.objective import select_best
 from tuner.records import TrialRecord
@@ -302,17 +302,24 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
     """
     t0 = time.perf_counter()
     spec.check_world()
+    # One search per run folder for the search's whole life; checked again under the lock, as
+    # another search may have started in it since check_world. A refusal before the search
+    # writes spec.json leaves no folder behind (RunLock).
+    with RunLock(spec.run_dir):
+        spec.check_run_dir()
+        return _run(spec, t0, epochs_fn)
+
+
+def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict]] | None
+         ) -> Path:
     space = spec.load_space()
     splits = spec.zoo.load_splits()
     prepare_attacks(spec.victims, None, splits)  # bad data or attacks fail here, before Ray
     sampler = S.sampler_settings(spec.seed, spec.num_samples)
+    started = provenance(sampler)
+    run = spec.run_dir
     with _RayInBackground(spec) as ray_bg:
         victims, holdout, victim_s = _load_victims(spec, splits)
-        run = spec.run_dir
-        run.mkdir(parents=True, exist_ok=True)
-        if not spec.resume:
-            write_json(run / "spec.json", {**spec.to_dict(), "provenance": provenance(sampler)})
-        write_json(run / "space.json", space_to_json(space))
 
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
@@ -327,7 +334,11 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
 
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
-        slots = trainable.max_concurrent(spec)
+        slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
+        # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
+        if not spec.resume:
+            write_json(run / "spec.json", {**spec.to_dict(), "provenance": started})
+        write_json(run / "space.json", space_to_json(space))
         records = trainable.run_tune(spec, space, victims, splits, sampler=sampler,
                                      max_t=max_epochs_of_space(spec, space), epochs_fn=epochs_fn)
         ray_bg.stop()  # Ray stops while the final evaluation runs

@@ -28,14 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from defenses import REGISTRY
 from tuner import flags
+from tuner._io import LOCK_NAME
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
 from tuner.spaces import Space, load_space
 from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
-from zoo.victims import ZooSpec, check_victim_names
+from zoo.victims import ZooSpec, check_victim_names, check_zoo_dir
 
 __all__ = ["ExperimentSpec", "check_writable", "default_name", "from_args", "victims_default"]
 
@@ -44,6 +47,11 @@ Scheduler = Literal["asha", "fifo"]
 # plant a backdoor on digits, and the build no longer dominates a CI run.
 SMOKE_VICTIM_EPOCHS = 5
 MAX_NAME = 100  # characters of a run folder name
+# Upper bounds that keep a typo from planning years of work (each far above any real run).
+MAX_SAMPLES = 10_000  # trials of one search
+MAX_EPOCHS = 1_000  # --max-epochs (a defense's own epochs are bounded by zoo.config)
+MAX_SEEDS = 100  # --final-seeds, --victim-seeds
+MIN_CPUS = 0.01  # cores per trial; Ray counts resources in units of 1e-4
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -150,23 +158,23 @@ class ExperimentSpec:
 
     # -- value checks (no I/O) -------------------------------------------------------------
     def _check_values(self) -> None:
-        _check_int("--num-samples", self.num_samples, low=1)
-        _check_int("--final-seeds", self.final_seeds, low=1)
-        _check_int("--victim-seeds", self.victim_seeds, low=1)
+        _check_int("--num-samples", self.num_samples, low=1, high=MAX_SAMPLES)
+        _check_int("--final-seeds", self.final_seeds, low=1, high=MAX_SEEDS)
+        _check_int("--victim-seeds", self.victim_seeds, low=1, high=MAX_SEEDS)
         for flag, value, high in (("--verdict-asr", self.verdict_asr, 100.0),
                                   ("--verdict-acc-drop", self.verdict_acc_drop, 100.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not 0.0 <= value <= high:
                 raise UsageError(f"{flag} {value!r}: expected a number in [0, {high:g}]")
-        for flag, value in (("--max-concurrent", self.max_concurrent),
-                            ("--max-epochs", self.max_epochs),
-                            ("--val-subsample", self.val_subsample)):
+        for flag, value, high in (("--max-concurrent", self.max_concurrent, None),
+                                  ("--max-epochs", self.max_epochs, MAX_EPOCHS),
+                                  ("--val-subsample", self.val_subsample, None)):
             if value is not None:
-                _check_int(flag, value, low=1)
+                _check_int(flag, value, low=1, high=high)
         check_gpus_per_trial(self.gpus)
-        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
-            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
-                             "number > 0")
+        if not (self.cpus_per_trial >= MIN_CPUS and math.isfinite(self.cpus_per_trial)):
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g}: expected a finite "
+                             f"number of CPU cores >= {MIN_CPUS:g}")
         if self.holdout_attacks:
             check_victim_names(self.holdout_attacks, "--holdout-attacks",
                                manifest=self.zoo.manifest is not None)
@@ -214,24 +222,48 @@ class ExperimentSpec:
         """Check what needs the disk, other modules or the network; raises UsageError."""
         check_writable(self.output)
         self._check_run_dir()
+        check_zoo_dir(self.zoo)
         self.load_space()
         if self.gpus and self.address is None and self.zoo.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
+        if self.address is None:  # the local Ray gets every core and GPU of this machine
+            self._check_local_resources()
         if self.address == "auto":
             check_reachable(resolve_auto_address())
         elif self.address is not None:
             check_reachable(self.address)
 
-    def _check_run_dir(self) -> None:
+    def _check_local_resources(self) -> None:
+        cores = os.cpu_count() or 1
+        if self.cpus_per_trial > cores:
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g}: this machine has "
+                             f"{cores} CPU cores: expected at most {cores} (or --address of a "
+                             "larger cluster)")
+        gpus = torch.cuda.device_count() if self.gpus else 0
+        if self.gpus > gpus:
+            raise UsageError(f"--gpus-per-trial {self.gpus:g}: this machine has {gpus} GPU(s): "
+                             f"expected at most {gpus} (or --address of a larger cluster)")
+
+    def check_run_dir(self) -> None:
+        """The run folder is new (or empty) for a fresh run, an earlier run for --resume; never
+        a link or a file. Checked again under the run's lock (``tuner.search``)."""
         run = self.run_dir
+        if run.is_symlink():
+            raise UsageError(f"--name {self.name}: {run} is a symbolic link: expected a run "
+                             "folder (nothing is written through a link); choose another --name")
+        if run.exists() and not run.is_dir():
+            raise UsageError(f"--name {self.name}: {run} exists and is not a folder: choose "
+                             "another --name")
         if self.resume:
             if not (run / "spec.json").is_file():
                 raise UsageError(f"--resume: no run to continue at {run} "
                                  "(expected the --output and --name of an earlier search)")
-        elif run.exists() and any(run.iterdir()):
+        elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UsageError(f"run folder {run} already exists: pass --resume to continue it "
                              "or choose another --name")
+
+    _check_run_dir = check_run_dir
 
     def load_space(self) -> Space:
         return load_space(self.defense, self.space, dataset=self.zoo.dataset)
@@ -297,9 +329,11 @@ def _plain(value: Any) -> Any:
 
 
 # -- single-value checks --------------------------------------------------------------------
-def _check_int(flag: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UsageError(f"{flag} {value!r}: expected a whole number >= {low}")
+def _check_int(flag: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            (high is not None and value > high):
+        within = f">= {low}" if high is None else f"in {low}..{high}"
+        raise UsageError(f"{flag} {value!r}: expected a whole number {within}")
 
 
 def check_gpus_per_trial(value: float) -> None:
