@@ -260,3 +260,49 @@ def test_deeply_nested_meta_json_is_corrupt_not_a_traceback(tmp_path: Path,
     assert store.get("k1") is None
     err = capsys.readouterr().err
     assert "entry k1 is corrupt (meta.json does not parse" in err and err.count("\n") == 1
+
+
+# -- §2 --resume with Ray's state deleted or damaged ----------------------------------------------
+def _stored_run(tmp_path: Path) -> Path:
+    """An interrupted run as the search leaves it: spec.json and Ray's state in ray/."""
+    spec = _build(tmp_path, "--name", "r1", "--num-samples", "5")
+    state = spec.run_dir / "ray"
+    state.mkdir(parents=True)
+    (spec.run_dir / "spec.json").write_text(spec.to_json())
+    (state / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        '{"trial_data": [], "runner_data": {}, "stats": {}}')
+    (state / "tuner.pkl").write_bytes(b"x")
+    (state / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"garbage")
+    return state
+
+
+@pytest.mark.parametrize(("damage", "needle"), [
+    ("deleted", "Ray's saved search state is missing from {state} (deleted?)"),
+    ("truncated", "Ray's saved search state is corrupt ({state}/experiment_state-2026-01-01"
+                  "_00-00-00.json: not valid JSON"),
+    ("no tuner.pkl", "Ray's saved search state is incomplete ({state}/tuner.pkl is missing"),
+])
+def test_resume_with_ray_state_deleted_or_corrupt_is_one_line_not_a_restart(
+        tmp_path: Path, damage: str, needle: str) -> None:
+    import shutil
+
+    state = _stored_run(tmp_path)
+    if damage == "deleted":
+        shutil.rmtree(state)
+    elif damage == "truncated":
+        (state / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": [')
+    else:
+        (state / "tuner.pkl").unlink()
+    with pytest.raises(UsageError) as info:
+        _build(tmp_path, "--name", "r1", "--resume")
+    msg = str(info.value)
+    assert needle.format(state=state) in msg and "\n" not in msg
+    assert "start a new run with another --name" in msg
+
+
+def test_resume_with_a_damaged_searcher_state_is_one_line_before_tune(tmp_path: Path) -> None:
+    from tuner.trainable import _restore  # imports ray; starts nothing
+
+    state = _stored_run(tmp_path)
+    with pytest.raises(UsageError, match=r"corrupt \(searcher-state-2026-01-01_00-00-00.pkl: "):
+        _restore(state, trainable=None)

@@ -32,7 +32,7 @@ import torch
 
 from defenses import REGISTRY
 from tuner import flags
-from tuner._io import LOCK_NAME
+from tuner._io import LOCK_NAME, read_json
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
 from tuner.spaces import Space, load_space
@@ -259,6 +259,7 @@ class ExperimentSpec:
             if not (run / "spec.json").is_file():
                 raise UsageError(f"--resume: no run to continue at {run} "
                                  "(expected the --output and --name of an earlier search)")
+            check_ray_state(run / "ray")
         elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UsageError(f"run folder {run} already exists: pass --resume to continue it "
                              "or choose another --name")
@@ -359,6 +360,34 @@ def check_name(name: str) -> None:
         raise UsageError(f"--name {name[:MAX_NAME + 20]!r}: expected 1 to {MAX_NAME} letters, "
                          "digits, '.', '_' or '-', starting with a letter or digit (one folder "
                          "name, no '/')")
+
+
+RAY_STATE_HINT = ("start a new run with another --name (the trials that finished are listed "
+                  "in the old run's trials.json)")
+
+
+def check_ray_state(state: Path) -> None:
+    """``--resume`` needs Ray Tune's saved search state (spec.json is written only once the
+    search starts, so a run with spec.json has one): missing or unreadable, it is one line,
+    never a silent restart that runs finished trials again, nor a resume that fails every time.
+    The pickles are only checked for presence here; ``tuner.trainable`` loads them."""
+    found = sorted(state.glob("experiment_state-*.json")) if state.is_dir() else []
+    if not found:
+        raise UsageError(f"--resume: Ray's saved search state is missing from {state} "
+                         f"(deleted?): the search cannot continue without it; {RAY_STATE_HINT}")
+    try:
+        data = read_json(found[-1])
+    except UsageError as exc:
+        raise UsageError(f"--resume: Ray's saved search state is corrupt ({exc}); "
+                         f"{RAY_STATE_HINT}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("trial_data"), list):
+        raise UsageError(f"--resume: Ray's saved search state is corrupt ({found[-1]}: no "
+                         f"trial_data list); {RAY_STATE_HINT}")
+    for pattern in ("tuner.pkl", "searcher-state-*.pkl"):
+        files = sorted(state.glob(pattern))
+        if not files or not files[-1].is_file() or files[-1].stat().st_size == 0:
+            raise UsageError(f"--resume: Ray's saved search state is incomplete ({state}/"
+                             f"{pattern} is missing or empty); {RAY_STATE_HINT}")
 
 
 def resolve_auto_address() -> str:

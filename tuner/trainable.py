@@ -19,6 +19,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,7 +33,7 @@ from ray.tune.search import Searcher
 from tuner.errors import UsageError
 from tuner.evaluation import planned_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
-from tuner.spec import ExperimentSpec, check_reachable
+from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
@@ -173,6 +174,27 @@ class ProgressCallback(tune.Callback):
 
 
 # -- the run ----------------------------------------------------------------------------------
+def _restore(path: Path, trainable: Any) -> tune.Tuner:
+    """Tune's saved experiment, or one line saying it cannot be continued (a damaged searcher
+    state otherwise makes Tune retry it for ever, a damaged tuner.pkl a traceback)."""
+    def broken(what: str, exc: BaseException) -> UsageError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        return UsageError(f"--resume: Ray's saved search state in {path} is corrupt ({what}: "
+                          f"{type(exc).__name__}: {first}); {RAY_STATE_HINT}")
+
+    for state in sorted(path.glob("searcher-state-*.pkl"))[-1:]:
+        try:  # what Tune itself would unpickle when it restores the searcher
+            with open(state, "rb") as fh:
+                pickle.load(fh)
+        except Exception as exc:  # any unpickling failure means corrupt
+            raise broken(state.name, exc) from None
+    try:
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    except Exception as exc:  # Tune raises many kinds on a damaged state
+        raise broken("tuner.pkl", exc) from None
+
+
 def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, *, max_t: int,
              sampler: dict[str, Any], epochs_fn: EpochsFn | None = None) -> list[TrialRecord]:
     """Run (or with ``spec.resume`` continue) the search in the running Ray session; return
@@ -188,9 +210,8 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                               epochs_fn=epochs_fn)
     trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
     path = spec.run_dir / "ray"
-    if spec.resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+    if spec.resume:  # tuner.spec.check_ray_state found the state; can Tune read it?
+        tuner = _restore(path, trainable)
         print(f"resuming {path}", flush=True)
     else:
         scheduler = FIFOScheduler() if spec.scheduler == "fifo" or max_t < 2 else ASHAScheduler(
