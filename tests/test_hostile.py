@@ -306,3 +306,49 @@ def test_resume_with_a_damaged_searcher_state_is_one_line_before_tune(tmp_path: 
     state = _stored_run(tmp_path)
     with pytest.raises(UsageError, match=r"corrupt \(searcher-state-2026-01-01_00-00-00.pkl: "):
         _restore(state, trainable=None)
+
+
+# -- §2 SIGTERM is Ctrl-C ----------------------------------------------------------------------------
+def test_sigterm_raises_keyboard_interrupt_like_ctrl_c() -> None:
+    import signal
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.sigterm_as_ctrl_c()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)  # the handler runs at the next bytecode boundary
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_mid_search_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(root)}
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "tuner", "--defense", "ft", "--smoke-test",
+                                 "--num-samples", "8", "--max-concurrent", "1", "--output",
+                                 str(tmp_path / "runs"), "--name", "t", "--zoo-dir",
+                                 str(tmp_path / "zoo")], cwd=root, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while "done (  2/8)" not in log.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    text = log.read_text()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever this test's driver left, by its group
+    except ProcessLookupError:
+        pass
+    assert rc == 130 and "continue it with:" in text and "--name t --resume" in text, text[-3000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text

@@ -37,6 +37,7 @@ import torch
 
 from tuner import study as S
 from tuner._io import RunLock, write_json
+from tuner.cli import sigterm_as_ctrl_c
 from tuner.evaluation import anchors, mia_before, resolve_config, run_config
 from tuner.objective import select_best
 from tuner.records import TrialRecord
@@ -333,6 +334,7 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
         final_s = time.perf_counter() - t2
 
         trainable = ray_bg.ready()
+        sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
         t1 = time.perf_counter()
         slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
         # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
