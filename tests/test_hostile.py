@@ -352,3 +352,59 @@ def test_sigterm_mid_search_stops_cleanly_with_a_resume_hint(tmp_path: Path) -> 
         pass
     assert rc == 130 and "continue it with:" in text and "--name t --resume" in text, text[-3000:]
     assert "SIGTERM received" not in text and "Traceback" not in text
+
+
+# -- §3 the network ------------------------------------------------------------------------------------
+def test_address_that_accepts_tcp_but_is_not_ray_fails_within_the_timeout() -> None:
+    import socket
+    import threading
+
+    from tuner.spec import check_reachable
+
+    with socket.socket() as srv:  # accepts connections, says nothing (not gRPC)
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        threading.Thread(target=lambda: [srv.accept() for _ in range(2)], daemon=True).start()
+        address = f"127.0.0.1:{srv.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(UsageError) as info:
+            check_reachable(address, timeout=2.0)
+    assert time.monotonic() - start < 5
+    assert str(info.value) == (f"--address {address}: no Ray cluster answers (no answer within "
+                               "2 s); expected the head's HOST:PORT from `ray start --head`")
+
+
+def test_address_that_answers_but_not_grpc_is_refused() -> None:
+    import socket
+    import threading
+
+    from tuner.spec import check_reachable
+
+    def http(srv: socket.socket) -> None:
+        conn, _ = srv.accept()
+        conn.recv(100)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        threading.Thread(target=http, args=(srv,), daemon=True).start()
+        with pytest.raises(UsageError, match="it is not a Ray cluster"):
+            check_reachable(f"127.0.0.1:{srv.getsockname()[1]}", timeout=5.0)
+
+
+def test_ray_token_file_is_made_private(tmp_path: Path) -> None:
+    from tuner.trainable import private_token  # imports ray; starts nothing
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)  # as Ray writes it under the usual umask
+    private_token(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    other = tmp_path / "other"
+    other.write_text("x")
+    other.chmod(0o644)
+    (tmp_path / "link").symlink_to(other)
+    private_token(tmp_path / "link")
+    assert other.stat().st_mode & 0o777 == 0o644  # never through a link

@@ -408,16 +408,29 @@ def resolve_auto_address() -> str:
     return address
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS and its
+# client server are gRPC) answers with a SETTINGS frame (type 4) of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast (one line) when nothing listens at HOST:PORT, instead of a long Ray retry."""
+    """Fail fast (one line) when nothing listens at HOST:PORT, or something that does not speak
+    gRPC as Ray's head does (a port that accepts TCP would otherwise make ``ray.init`` wait
+    for ever), instead of a long Ray retry."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            conn.sendall(_H2_PREFACE)
+            reply = conn.recv(9)
     except (OSError, ValueError, OverflowError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            getattr(exc, "strerror", None) or exc
         raise UsageError(f"--address {address}: no Ray cluster answers ({reason}); "
                          "expected the head's HOST:PORT from `ray start --head`") from None
+    if len(reply) < 4 or reply[3] != 4:
+        raise UsageError(f"--address {address}: something listens there but it is not a Ray "
+                         "cluster (no gRPC reply); expected the head's HOST:PORT from "
+                         "`ray start --head`")
 
 
 def check_writable(output: Path) -> None:

@@ -86,6 +86,7 @@ def start_ray(spec: ExperimentSpec) -> bool:
                  object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
                  logging_level=logging.ERROR,
                  runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
+        private_token()
         return True
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
@@ -95,6 +96,18 @@ def start_ray(spec: ExperimentSpec) -> bool:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--address {spec.address}: cannot join the Ray cluster: {first}") from None
     return True
+
+
+def private_token(path: Path | None = None) -> None:
+    """Ray's token authentication writes its cluster token to ``~/.ray/auth_token`` with the
+    umask's mode (0644: readable by every local user, who could then join the cluster); make it
+    the owner's only. A link is left alone (never chmod through it)."""
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        pass  # not ours to fix (another user's file, a filesystem without modes)
 
 
 def stop_ray() -> None:
