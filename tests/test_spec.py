@@ -99,6 +99,11 @@ def test_resume_keeps_the_stored_search_settings(tmp_path: Path,
                   "--objective", "worst")
     first.run_dir.mkdir(parents=True)
     (first.run_dir / "spec.json").write_text(first.to_json())
+    state = first.run_dir / "ray"  # Ray's saved state, as an interrupted search leaves it
+    state.mkdir()
+    (state / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    (state / "tuner.pkl").write_bytes(b"x")
+    (state / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"x")
     again = build(tmp_path, "--defense", "ft", "--name", "r1", "--resume")
     assert again.resume and (again.num_samples, again.objective) == (5, "worst")
     assert "num_samples" in capsys.readouterr().err

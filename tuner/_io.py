@@ -7,10 +7,15 @@
 - Reads of JSON the tool wrote (or a user received) are capped: a regular file (not a FIFO or a
   device), at most ``max_bytes``, nesting at most ``MAX_DEPTH`` deep; anything else is one line
   naming the file.
+- :class:`RunLock`: one search at a time in a run folder, for the search's whole life (an
+  ``flock`` on ``RUN/.lock``, opened without following a link; the kernel drops it when the
+  process ends, even by SIGKILL, so a stale lock never blocks a ``--resume``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import stat
@@ -20,11 +25,12 @@ from typing import Any
 
 from tuner.errors import UsageError
 
-__all__ = ["MAX_DEPTH", "MAX_JSON_BYTES", "clip", "clip_text", "read_json", "write_bytes", "write_json",
-           "write_text"]
+__all__ = ["LOCK_NAME", "MAX_DEPTH", "MAX_JSON_BYTES", "RunLock", "clip", "clip_text", "read_json",
+           "write_bytes", "write_json", "write_text"]
 
 MAX_JSON_BYTES = 64 << 20  # trials.json of 10,000 trials with full histories stays far below
 MAX_DEPTH = 32
+LOCK_NAME = ".lock"  # in the run folder; not part of what a run wrote
 
 
 def clip(value: Any, limit: int = 80) -> str:
@@ -97,3 +103,70 @@ def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
     if _depth(data, MAX_DEPTH) > MAX_DEPTH:
         raise UsageError(f"{path}: JSON nested deeper than {MAX_DEPTH} levels")
     return data
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` holds an exclusive lock on a run folder, creating the folder.
+
+    A second search on the same folder gets one line at once (UsageError), not a wait. On
+    release, a folder holding nothing but the lock (the search was refused or interrupted before
+    it wrote anything) is removed again, so the same command can simply be run again.
+    """
+
+    def __init__(self, run: Path) -> None:
+        self.run = Path(run)
+        self.path = self.run / LOCK_NAME
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        self._created = not self.run.exists()
+        self.run.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # the lock file can be unlinked by a search releasing it meanwhile
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = os.pread(fd, 20, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise UsageError(f"{self.path}: cannot lock ({exc.strerror or exc})") from None
+                by = f" (pid {owner})" if owner.isdigit() else ""
+                raise UsageError(f"run folder {self.run} is in use by another search{by}: wait "
+                                 "for it to end, or choose another --name") from None
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise UsageError(f"{self.path}: the lock file keeps being replaced: expected one "
+                         "search at a time in this run folder")
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path}: is a symbolic link: refusing to lock through it "
+                                 "(remove the link)") from None
+            raise UsageError(f"{self.path}: cannot open the run lock "
+                             f"({exc.strerror or exc})") from None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is None:
+            return
+        try:
+            if {p.name for p in self.run.iterdir()} == {LOCK_NAME}:
+                self.path.unlink()
+                if self._created:
+                    self.run.rmdir()
+        except OSError:
+            pass  # a leftover empty folder or lock file is harmless
+        finally:
+            os.close(self._fd)
+            self._fd = None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from defenses import ConfigError
@@ -62,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)  # whatever Ctrl-C does now (Tune's graceful stop, or
+    # KeyboardInterrupt): the run stops cleanly and prints how to resume
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM (what schedulers and ``kill`` send) is handled as Ctrl-C. Called by ``main`` and
+    again by the search once Ray is up, since ``ray.init`` installs its own fatal-signal dump."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The search is the default command, so `python -m tuner --help` shows its flags.
@@ -71,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     keep_freed_memory()  # victims, final evaluations: reuse freed activations (zoo.runtime)
+    sigterm_as_ctrl_c()
     try:
         return int(module.main(args) or 0)
     except USER_ERRORS as exc:

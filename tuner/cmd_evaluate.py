@@ -25,7 +25,7 @@ from tuner import flags
 from tuner.errors import UsageError
 from tuner.evaluation import anchors, mia_before, run_config
 from tuner.spec import victims_default
-from zoo.victims import ZooSpec, get_victims
+from zoo.victims import ZooSpec, check_zoo_dir, get_victims
 
 MAX_PARAMS_BYTES = 1 << 20  # a best_config.json is a few hundred bytes
 
@@ -143,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
     cmd = flags.build(EvaluateCommand, args)
     cmd = dataclasses.replace(cmd, zoo=victims_default(cmd.zoo, args))
     defense, params, cfg = resolve(cmd)
+    check_zoo_dir(cmd.zoo)
     splits = cmd.zoo.load_splits()
     victims = get_victims(cmd.zoo, splits=splits, progress=not cmd.json)
     seeds = list(range(cmd.first_seed, cmd.first_seed + cmd.seeds))

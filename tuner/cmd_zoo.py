@@ -37,7 +37,7 @@ from tuner.spec import check_writable, victims_default
 from zoo.backdoorbench import PREFIX as BB_PREFIX
 from zoo.data import Split
 from zoo.manifest import manifest_document
-from zoo.victims import Victim, ZooSpec, get_victims, prepare_attacks
+from zoo.victims import Victim, ZooSpec, check_zoo_dir, get_victims, prepare_attacks
 
 MANIFEST = "victims.yaml"
 
@@ -150,6 +150,7 @@ def main(args: argparse.Namespace) -> int:
     spec = victims_default(cmd.zoo, args)
     if cmd.export is not None:
         check_writable(cmd.export)
+    check_zoo_dir(spec)
     splits = spec.load_splits()
     prepare_attacks(spec, None, splits)  # every attack checked before anything is trained
     start = time.perf_counter()

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from tuner import study as S
-from tuner._io import write_json
+from tuner._io import RunLock, write_json
+from tuner.cli import sigterm_as_ctrl_c
 from tuner.evaluation import anchors, mia_before, resolve_config, run_config, trial_payload
 from tuner.records import TrialRecord, least_infeasible, pick_best
 from tuner.report import console_summary, write_report
@@ -290,17 +291,24 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
     """
     t0 = time.perf_counter()
     spec.check_world()
+    # One search per run folder for the search's whole life; checked again under the lock, as
+    # another search may have started in it since check_world. A refusal before the search
+    # writes spec.json leaves no folder behind (RunLock).
+    with RunLock(spec.run_dir):
+        spec.check_run_dir()
+        return _run(spec, t0, epochs_fn)
+
+
+def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict]] | None
+         ) -> Path:
     space = spec.load_space()
     splits = spec.zoo.load_splits()
     prepare_attacks(spec.victims, None, splits)  # bad data or attacks fail here, before Ray
     sampler = S.sampler_settings(spec.seed, spec.num_samples)
+    started = provenance(sampler)
+    run = spec.run_dir
     with _RayInBackground(spec) as ray_bg:
         victims, holdout, victim_s = _load_victims(spec, splits)
-        run = spec.run_dir
-        run.mkdir(parents=True, exist_ok=True)
-        if not spec.resume:
-            write_json(run / "spec.json", {**spec.to_dict(), "provenance": provenance(sampler)})
-        write_json(run / "space.json", space_to_json(space))
 
         # The paper default's test evaluation does not depend on the search: it runs while
         # Ray starts (and its workers import torch), which it would otherwise wait for.
@@ -314,8 +322,13 @@ def run_search(spec: ExperimentSpec, *, epochs_fn: Callable[..., Iterator[dict]]
         final_s, final_cpu = time.perf_counter() - t2, time.process_time() - cpu2
 
         trainable = ray_bg.ready()
+        sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
         t1 = time.perf_counter()
-        slots = trainable.max_concurrent(spec)
+        slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
+        # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
+        if not spec.resume:
+            write_json(run / "spec.json", {**spec.to_dict(), "provenance": started})
+        write_json(run / "space.json", space_to_json(space))
         # Trials get only what they use (no train/test split, no triggered test sets).
         trial_victims, trial_splits = trial_payload(victims, splits, retune=spec.objective == "robust")
         records = trainable.run_tune(spec, space, trial_victims, trial_splits, sampler=sampler,

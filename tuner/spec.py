@@ -28,15 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from defenses import REGISTRY
 from tuner import flags
+from tuner._io import LOCK_NAME, read_json
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
 from tuner.spaces import Space, load_space
 from zoo.attacks import ATTACKS
 from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
-from zoo.victims import ZooSpec, check_victim_names
+from zoo.victims import ZooSpec, check_victim_names, check_zoo_dir
 
 __all__ = ["ExperimentSpec", "check_storage", "check_writable", "default_name", "from_args", "victims_default"]
 
@@ -45,6 +48,11 @@ Scheduler = Literal["asha", "fifo"]
 # plant a backdoor on digits, and the build no longer dominates a CI run.
 SMOKE_VICTIM_EPOCHS = 5
 MAX_NAME = 100  # characters of a run folder name
+# Upper bounds that keep a typo from planning years of work (each far above any real run).
+MAX_SAMPLES = 10_000  # trials of one search
+MAX_EPOCHS = 1_000  # --max-epochs (a defense's own epochs are bounded by zoo.config)
+MAX_SEEDS = 100  # --final-seeds, --victim-seeds
+MIN_CPUS = 0.01  # cores per trial; Ray counts resources in units of 1e-4
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -173,10 +181,10 @@ class ExperimentSpec:
 
     # -- value checks (no I/O) -------------------------------------------------------------
     def _check_values(self) -> None:
-        _check_int("--num-samples", self.num_samples, low=1)
-        _check_int("--final-seeds", self.final_seeds, low=1)
-        _check_int("--trial-seeds", self.trial_seeds, low=1)
-        _check_int("--victim-seeds", self.victim_seeds, low=1)
+        _check_int("--num-samples", self.num_samples, low=1, high=MAX_SAMPLES)
+        _check_int("--final-seeds", self.final_seeds, low=1, high=MAX_SEEDS)
+        _check_int("--trial-seeds", self.trial_seeds, low=1, high=MAX_SEEDS)
+        _check_int("--victim-seeds", self.victim_seeds, low=1, high=MAX_SEEDS)
         for flag, value, high in (("--verdict-asr", self.verdict_asr, 100.0),
                                   ("--verdict-acc-drop", self.verdict_acc_drop, 100.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
@@ -193,15 +201,17 @@ class ExperimentSpec:
                 or not (0 < self.budget_seconds < math.inf)):
             raise UsageError(f"--budget-seconds {self.budget_seconds!r}: expected a finite "
                              "number of seconds > 0")
-        for flag, count in (("--max-concurrent", self.max_concurrent),
-                            ("--max-epochs", self.max_epochs),
-                            ("--val-subsample", self.val_subsample)):
+        limits: tuple[tuple[str, int | None, int | None], ...] = (
+            ("--max-concurrent", self.max_concurrent, None),
+            ("--max-epochs", self.max_epochs, MAX_EPOCHS),
+            ("--val-subsample", self.val_subsample, None))
+        for flag, count, cap in limits:
             if count is not None:
-                _check_int(flag, count, low=1)
+                _check_int(flag, count, low=1, high=cap)
         check_gpus_per_trial(self.gpus)
-        if not (self.cpus_per_trial > 0 and math.isfinite(self.cpus_per_trial)):
-            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial}: expected a finite "
-                             "number > 0")
+        if not (self.cpus_per_trial >= MIN_CPUS and math.isfinite(self.cpus_per_trial)):
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g}: expected a finite "
+                             f"number of CPU cores >= {MIN_CPUS:g}")
         if self.holdout_attacks:
             check_victim_names(self.holdout_attacks, "--holdout-attacks",
                                manifest=self.zoo.manifest is not None)
@@ -234,6 +244,14 @@ class ExperimentSpec:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
     @property
+    def local_experiment_dir(self) -> Path | None:
+        """``experiment_path`` as a local folder; None where it is a remote URI (s3://, gs://)."""
+        path = self.experiment_path
+        if path.startswith("file://"):
+            return Path(path[len("file://"):])
+        return None if "://" in path else Path(path)
+
+    @property
     def gpus(self) -> float:
         """The GPU share of a trial (``gpus_per_trial`` once its default is resolved)."""
         return float(self.gpus_per_trial or 0.0)
@@ -264,24 +282,51 @@ class ExperimentSpec:
         """Check what needs the disk, other modules or the network; raises UsageError."""
         check_writable(self.output)
         self._check_run_dir()
+        check_zoo_dir(self.zoo)
         self.load_space()
         if self.gpus and self.address is None and self.zoo.device == "cpu":
             raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
                              "(expected 0, or --address of a cluster with GPUs)")
+        if self.address is None:  # the local Ray gets every core and GPU of this machine
+            self._check_local_resources()
         if self.address == "auto":
             check_reachable(resolve_auto_address())
         elif self.address is not None:
             check_reachable(self.address)
 
-    def _check_run_dir(self) -> None:
+    def _check_local_resources(self) -> None:
+        cores = os.cpu_count() or 1
+        if self.cpus_per_trial > cores:
+            raise UsageError(f"--cpus-per-trial {self.cpus_per_trial:g}: this machine has "
+                             f"{cores} CPU cores: expected at most {cores} (or --address of a "
+                             "larger cluster)")
+        gpus = torch.cuda.device_count() if self.gpus else 0
+        if self.gpus > gpus:
+            raise UsageError(f"--gpus-per-trial {self.gpus:g}: this machine has {gpus} GPU(s): "
+                             f"expected at most {gpus} (or --address of a larger cluster)")
+
+    def check_run_dir(self) -> None:
+        """The run folder is new (or empty) for a fresh run, an earlier run for --resume; never
+        a link or a file. Checked again under the run's lock (``tuner.search``)."""
         run = self.run_dir
+        if run.is_symlink():
+            raise UsageError(f"--name {self.name}: {run} is a symbolic link: expected a run "
+                             "folder (nothing is written through a link); choose another --name")
+        if run.exists() and not run.is_dir():
+            raise UsageError(f"--name {self.name}: {run} exists and is not a folder: choose "
+                             "another --name")
         if self.resume:
             if not (run / "spec.json").is_file():
                 raise UsageError(f"--resume: no run to continue at {run} "
                                  "(expected the --output and --name of an earlier search)")
-        elif run.exists() and any(run.iterdir()):
+            local = self.local_experiment_dir
+            if local is not None:  # remote storage: Tune itself says what it cannot read
+                check_ray_state(local)
+        elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UsageError(f"run folder {run} already exists: pass --resume to continue it "
                              "or choose another --name")
+
+    _check_run_dir = check_run_dir
 
     def load_space(self) -> Space:
         return load_space(self.defense, self.space, dataset=self.zoo.dataset)
@@ -347,9 +392,11 @@ def _plain(value: Any) -> Any:
 
 
 # -- single-value checks --------------------------------------------------------------------
-def _check_int(flag: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UsageError(f"{flag} {value!r}: expected a whole number >= {low}")
+def _check_int(flag: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or \
+            (high is not None and value > high):
+        within = f">= {low}" if high is None else f"in {low}..{high}"
+        raise UsageError(f"{flag} {value!r}: expected a whole number {within}")
 
 
 def check_gpus_per_trial(value: float) -> None:
@@ -403,6 +450,34 @@ def check_name(name: str) -> None:
                          "name, no '/')")
 
 
+RAY_STATE_HINT = ("start a new run with another --name (the trials that finished are listed "
+                  "in the old run's trials.json)")
+
+
+def check_ray_state(state: Path) -> None:
+    """``--resume`` needs Ray Tune's saved search state (spec.json is written only once the
+    search starts, so a run with spec.json has one): missing or unreadable, it is one line,
+    never a silent restart that runs finished trials again, nor a resume that fails every time.
+    The pickles are only checked for presence here; ``tuner.trainable`` loads them."""
+    found = sorted(state.glob("experiment_state-*.json")) if state.is_dir() else []
+    if not found:
+        raise UsageError(f"--resume: Ray's saved search state is missing from {state} "
+                         f"(deleted?): the search cannot continue without it; {RAY_STATE_HINT}")
+    try:
+        data = read_json(found[-1])
+    except UsageError as exc:
+        raise UsageError(f"--resume: Ray's saved search state is corrupt ({exc}); "
+                         f"{RAY_STATE_HINT}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("trial_data"), list):
+        raise UsageError(f"--resume: Ray's saved search state is corrupt ({found[-1]}: no "
+                         f"trial_data list); {RAY_STATE_HINT}")
+    for pattern in ("tuner.pkl", "searcher-state-*.pkl"):
+        files = sorted(state.glob(pattern))
+        if not files or not files[-1].is_file() or files[-1].stat().st_size == 0:
+            raise UsageError(f"--resume: Ray's saved search state is incomplete ({state}/"
+                             f"{pattern} is missing or empty); {RAY_STATE_HINT}")
+
+
 def resolve_auto_address() -> str:
     """What Ray's ``address="auto"`` would join: ``RAY_ADDRESS``, else the address that
     ``ray start`` records in ``$RAY_TMPDIR/ray/ray_current_cluster`` (``/tmp`` by default)."""
@@ -421,16 +496,29 @@ def resolve_auto_address() -> str:
     return address
 
 
+# An HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS and its
+# client server are gRPC) answers with a SETTINGS frame (type 4) of its own.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast (one line) when nothing listens at HOST:PORT, instead of a long Ray retry."""
+    """Fail fast (one line) when nothing listens at HOST:PORT, or something that does not speak
+    gRPC as Ray's head does (a port that accepts TCP would otherwise make ``ray.init`` wait
+    for ever), instead of a long Ray retry."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as conn:
+            conn.sendall(_H2_PREFACE)
+            reply = conn.recv(9)
     except (OSError, ValueError, OverflowError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
+        reason = f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            getattr(exc, "strerror", None) or exc
         raise UsageError(f"--address {address}: no Ray cluster answers ({reason}); "
                          "expected the head's HOST:PORT from `ray start --head`") from None
+    if len(reply) < 4 or reply[3] != 4:
+        raise UsageError(f"--address {address}: something listens there but it is not a Ray "
+                         "cluster (no gRPC reply); expected the head's HOST:PORT from "
+                         "`ray start --head`")
 
 
 def check_writable(output: Path) -> None:

@@ -19,6 +19,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,7 +33,7 @@ from ray.tune.search import Searcher
 from tuner.errors import UsageError
 from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
-from tuner.spec import ExperimentSpec, check_reachable
+from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
@@ -93,6 +94,7 @@ def start_ray(spec: ExperimentSpec) -> bool:
                  object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
                  logging_level=logging.ERROR,
                  runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
+        private_token()
         return True
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
@@ -116,6 +118,18 @@ def cluster_runtime_env() -> dict[str, Any]:
     import zoo
 
     return {"py_modules": [tuner, defenses, zoo]}
+
+
+def private_token(path: Path | None = None) -> None:
+    """Ray's token authentication writes its cluster token to ``~/.ray/auth_token`` with the
+    umask's mode (0644: readable by every local user, who could then join the cluster); make it
+    the owner's only. A link is left alone (never chmod through it)."""
+    path = path or Path.home() / ".ray" / "auth_token"
+    try:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        pass  # not ours to fix (another user's file, a filesystem without modes)
 
 
 def stop_ray() -> None:
@@ -195,6 +209,27 @@ class ProgressCallback(tune.Callback):
 
 
 # -- the run ----------------------------------------------------------------------------------
+def _restore(path: str, local: Path | None, trainable: Any) -> tune.Tuner:
+    """Tune's saved experiment, or one line saying it cannot be continued (a damaged searcher
+    state otherwise makes Tune retry it for ever, a damaged tuner.pkl a traceback)."""
+    def broken(what: str, exc: BaseException) -> UsageError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        return UsageError(f"--resume: Ray's saved search state in {path} is corrupt ({what}: "
+                          f"{type(exc).__name__}: {first}); {RAY_STATE_HINT}")
+
+    for state in sorted(local.glob("searcher-state-*.pkl"))[-1:] if local else []:
+        try:  # what Tune itself would unpickle when it restores the searcher
+            with open(state, "rb") as fh:
+                pickle.load(fh)
+        except Exception as exc:  # any unpickling failure means corrupt
+            raise broken(state.name, exc) from None
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    except Exception as exc:  # Tune raises many kinds on a damaged state
+        raise broken("tuner.pkl", exc) from None
+
+
 def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, *, max_t: int,
              sampler: dict[str, Any], epochs_fn: EpochsFn | None = None) -> list[TrialRecord]:
     """Run (or with ``spec.resume`` continue) the search in the running Ray session; return
@@ -210,9 +245,8 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                               epochs_fn=epochs_fn)
     trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
     path = spec.experiment_path  # --storage (a URI Tune's storage layer reaches) or run_dir/ray
-    if spec.resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+    if spec.resume:  # tuner.spec.check_ray_state found a local state; can Tune read it?
+        tuner = _restore(path, spec.local_experiment_dir, trainable)
         print(f"resuming {path}", flush=True)
     else:
         scheduler = FIFOScheduler() if spec.scheduler == "fifo" or max_t < 2 else ASHAScheduler(

@@ -20,8 +20,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
-__all__ = ["ConfigError", "build_config", "check", "check_common", "coerce", "config_asdict",
-           "config_fields", "config_types", "describe_type", "field_fits"]
+__all__ = ["MAX_BATCH", "MAX_EPOCHS", "MAX_STEPS", "ConfigError", "build_config", "check",
+           "check_common", "coerce", "config_asdict", "config_fields", "config_types",
+           "describe_type", "field_fits"]
 
 
 class ConfigError(ValueError):
@@ -110,10 +111,20 @@ def config_asdict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Bounds far above any published setting, so that a typo fails in one line instead of planning
+# years of work or allocating a 256 GB batch (the paper defaults are 5-100 epochs, 16-256 images).
+MAX_EPOCHS = 1_000
+MAX_BATCH = 8_192  # images; 8,192 x 3 x 224 x 224 fp32 is already 4.9 GB of input alone
+MAX_STEPS = 100_000  # per epoch, for configs that count steps rather than passes
+
+
 def check_common(cfg: Any) -> None:
     """Checks every config shares: epochs, batch size, lr-like and regularization fields."""
-    check(cfg.epochs >= 1, f"epochs={cfg.epochs}: expected an integer >= 1")
-    check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size}: expected an integer >= 1")
+    check(1 <= cfg.epochs <= MAX_EPOCHS, f"epochs={cfg.epochs}: expected an integer in 1..{MAX_EPOCHS}")
+    check(1 <= cfg.batch_size <= MAX_BATCH,
+          f"batch_size={cfg.batch_size}: expected an integer in 1..{MAX_BATCH}")
+    steps = getattr(cfg, "steps_per_epoch", 1)
+    check(steps <= MAX_STEPS, f"steps_per_epoch={steps}: expected at most {MAX_STEPS}")
     for key in ("lr", "weight_decay", "momentum"):
         v = getattr(cfg, key, 0.0)
         check(v >= 0.0 and math.isfinite(v), f"{key}={v}: expected a finite number >= 0")

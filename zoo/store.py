@@ -15,8 +15,15 @@ Safety rules:
   renamed into place, so a reader sees a whole entry or none;
 - loads never unpickle: group files are parsed by safetensors from the bytes whose checksum was
   just verified;
-- a corrupt entry (bad checksum, truncated file, unparsable JSON, ...) is reported with one
-  line on stderr, removed, and reported missing, so the caller rebuilds it.
+- a corrupt entry (bad checksum, truncated file, unparsable, huge or deeply nested JSON, ...)
+  is reported with one line on stderr, removed, and reported missing, so the caller rebuilds it;
+- a lock file that is a symbolic link is removed, never followed.
+
+What the checksums promise: they catch accidents (a flipped bit, a truncated copy, an
+interrupted write, a hand-edited ``meta.json``), not an adversary who can write the store: the
+digests are plain SHA-256 that anyone can recompute. ``zoo.victims`` therefore also checks that
+a victim's metadata re-derives its key and that its tensors fit the architecture; trust in a
+store beyond that is trust in who can write it (keep it private, as ``~/.cache`` is).
 
 Callers that build entries hold :meth:`Store.lock` around "get, else build and put", so
 concurrent processes build each entry once::
@@ -54,6 +61,7 @@ FORMAT_VERSION = 4  # bump when the entry layout, what a key describes or a mode
 # 3: preact-resnet18's head is stored as linear.* (BackdoorBench's key name), not head.*.
 # 4: Input-aware victims train in fp32 on a CPU (were bf16 autocast on CPUs with AMX).
 LOCK_TIMEOUT_S = 3600.0  # a victim build on a slow machine fits in an hour
+MAX_META_BYTES = 16 << 20  # a victim's meta.json is a few kB; an external one's well under this
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _META = "meta.json"
@@ -183,7 +191,12 @@ class Store:
         """An inter-process lock on ``ROOT/<key>.lock``; use as ``with store.lock(k): ...``."""
         _check_name("key", entry_key)
         self.root.mkdir(parents=True, exist_ok=True)
-        return filelock.FileLock(str(self.root / f"{entry_key}.lock"), timeout=timeout)
+        path = self.root / f"{entry_key}.lock"
+        if path.is_symlink():  # never ours: filelock would refuse it with a traceback
+            print(f"zoo store: {path} is a symbolic link; replaced by a lock file",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+        return filelock.FileLock(str(path), timeout=timeout)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -212,11 +225,15 @@ class Store:
     @staticmethod
     def _read_meta(folder: Path, entry_key: str) -> dict[str, Any]:
         try:
-            doc = json.loads((folder / _META).read_bytes())
+            with (folder / _META).open("rb") as fh:
+                data = fh.read(MAX_META_BYTES + 1)
+            if len(data) > MAX_META_BYTES:
+                raise _Corrupt(f"{_META} is larger than {MAX_META_BYTES} bytes")
+            doc = json.loads(data)
         except FileNotFoundError:
             raise _Corrupt(f"{_META} is missing") from None
-        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise _Corrupt(f"{_META} does not parse: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:  # JSON and Unicode errors, nesting
+            raise _Corrupt(f"{_META} does not parse: {str(exc)[:120]}") from None
         if not isinstance(doc, dict) or set(doc) != {
             "format_version",
             "key",

@@ -23,6 +23,9 @@ no-defense metrics are measured once per dataset and split seed and kept in the 
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,7 +61,7 @@ from zoo.runtime import PRECISIONS, Precision, pick_device, prepare_model, repro
 from zoo.store import Entry, Store
 from zoo.train import Recipe, default_recipe, train_victim
 
-__all__ = ["Victim", "ZooSpec", "check_victim_names", "get_victims", "prepare_attacks",
+__all__ = ["Victim", "ZooSpec", "check_victim_names", "check_zoo_dir", "get_victims", "prepare_attacks",
            "victim_description"]
 
 
@@ -350,6 +353,26 @@ def _open_store(spec: ZooSpec) -> Store:
     return Store(spec.zoo_dir if spec.zoo_dir is not None else Store.default_root())
 
 
+def check_zoo_dir(spec: ZooSpec) -> None:
+    """The victim store (or its nearest existing parent) must be a folder this process can write
+    in: victims are built into it, and every load takes a lock file there. Raises DataError
+    before anything is built or started."""
+    root = _open_store(spec).root
+    probe = root
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"--zoo-dir {str(root)!r}: {str(probe)!r} is not a folder: expected a "
+                        "folder for the victim store")
+    try:  # try for real: os.access says yes to root even on read-only mounts
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise DataError(f"--zoo-dir {str(root)!r}: cannot write in {str(probe)!r} "
+                        f"({exc.strerror or exc}): expected a writable folder (the store "
+                        "keeps a lock file per victim)") from None
+
+
 def _clean_key(spec: ZooSpec, info: DatasetInfo) -> str:
     """Store key of the clean (``none``) victim of ``spec``: what model-dependent triggers come from."""
     return Store.key(victim_description(spec, make_attack("none", info, seed=spec.training_seed)))
@@ -404,6 +427,77 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     return {"model": state, "attack": attack.state()}, meta
 
 
+class _Forged(Exception):
+    """A built victim's entry whose checksums hold but whose content is not what its key says."""
+
+
+_METRICS = ("acc", "asr", "ra")
+
+
+def _verified(store: Store, entry_key: str, info: DatasetInfo) -> Entry | None:
+    """``store.get`` plus what the checksums cannot promise: the checksums catch accidents
+    (a flipped byte, a truncated file), not someone who can write the store and recompute them.
+    So the entry's own description must hash to its key (an edited target, attack or recipe
+    changes the key), its tensors must have the architecture's names, shapes and dtypes, its
+    trigger must restore, and its metrics must be percentages. Anything else is reported as
+    corrupt, removed and rebuilt, as a bad checksum is. Forged metrics that are still valid
+    percentages cannot be told from real ones without re-measuring them."""
+    entry = store.get(entry_key)
+    if entry is None:
+        return None
+    try:
+        _check_entry(entry, info)
+    except _Forged as exc:
+        print(f"zoo store: entry {entry_key} is corrupt ({exc}); rebuilding", file=sys.stderr)
+        store.remove(entry_key)
+        return None
+    return entry
+
+
+def _check_entry(entry: Entry, info: DatasetInfo) -> None:
+    meta = entry.meta
+    fields = {"attack": str, "attack_params": dict, "dataset": str, "arch": str,
+              "split_seed": int, "recipe": dict, "metrics": dict}
+    for name, tp in fields.items():
+        if not isinstance(meta.get(name), tp) or isinstance(meta.get(name), bool):
+            raise _Forged(f"meta.json field {name!r} is missing or not a {tp.__name__}")
+    attack = meta["attack"]
+    description = {"kind": "victim", "dataset": meta["dataset"], "split_seed": meta["split_seed"],
+                   "arch": meta["arch"], "attack": attack, "attack_params": meta["attack_params"],
+                   "poison_rate": None if attack == "none" else meta.get("poison_rate"),
+                   "recipe": meta["recipe"]}
+    try:
+        derived = Store.key(description)
+    except ValueError:
+        derived = None
+    if derived != entry.key:
+        raise _Forged("meta.json does not describe the entry's key (edited)")
+    for split in ("val", "test"):
+        m = meta["metrics"].get(split)
+        if not isinstance(m, dict) or set(m) != set(_METRICS) or not all(
+                isinstance(m[k], (int, float)) and not isinstance(m[k], bool)
+                and math.isfinite(m[k]) and 0.0 <= m[k] <= 100.0 for k in _METRICS):
+            raise _Forged(f"{split} metrics are not three percentages")
+    for name in ("seconds", "train_seconds"):
+        v = meta.get(name, 0.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1e9:
+            raise _Forged(f"meta.json field {name!r} is not a number of seconds")
+    if set(entry.groups) != {"model", "attack"}:
+        raise _Forged(f"tensor groups {sorted(entry.groups)}: expected attack and model")
+    with torch.device("meta"):  # names, shapes and dtypes only: no memory, no init
+        expected = build_model(meta["arch"], info).state_dict()
+    got = entry.groups["model"]
+    if set(got) != set(expected) or any(
+            got[k].shape != v.shape or got[k].dtype != v.dtype for k, v in expected.items()):
+        raise _Forged(f"model tensors do not fit a {meta['arch']} on {info.name}")
+    try:
+        restored = restore_attack(info, meta["attack_params"], entry.groups["attack"])
+    except Exception as exc:  # whatever a forged state makes the attack's own code raise
+        raise _Forged(f"the trigger does not restore: {str(exc)[:80]}") from None
+    if restored.name != attack:
+        raise _Forged(f"the trigger is {restored.name!r}, the entry says {attack!r}")
+
+
 def _victim(spec: ZooSpec, info: DatasetInfo, splits: Splits, entry: Any, seconds: float, built: bool) -> Victim:
     meta = entry.meta
     attack = restore_attack(info, meta["attack_params"], entry.groups.get("attack", {}))
@@ -454,10 +548,10 @@ def get_victims(
             continue
         attack = prepared[name]
         key = store.key(victim_description(spec, attack))
-        entry, built = store.get(key), False
+        entry, built = _verified(store, key, splits.info), False
         if entry is None:
             with store.lock(key):
-                entry = store.get(key)
+                entry = _verified(store, key, splits.info)
                 if entry is None:
                     groups, meta = _build(spec, attack, splits, dev, progress)
                     entry, built = store.put(key, groups, meta), True
