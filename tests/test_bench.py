@@ -316,6 +316,7 @@ def test_packing_sets_the_cuda_device_and_honours_arch(monkeypatch: Any, tmp_pat
                 "overhead_share": 0.0}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(overhead, "search_timing", timing)
     monkeypatch.setattr(bench_main, "machine", lambda: {})  # asks the (absent) GPU its name
     assert main(["packing", "--arch", "preact-resnet18", "--quick", "--json",

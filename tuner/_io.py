@@ -109,19 +109,24 @@ class RunLock:
     """``with RunLock(run_dir):`` holds an exclusive lock on a run folder, creating the folder.
 
     A second search on the same folder gets one line at once (UsageError), not a wait. On
-    release, a folder holding nothing but the lock (the search was refused or interrupted before
-    it wrote anything) is removed again, so the same command can simply be run again.
+    release the lock file is removed (a search waiting on it re-checks that its lock is on the
+    file at the path), and so are the folders it created if they hold nothing (the search was
+    refused or interrupted before it wrote anything): the same command can simply run again.
     """
 
     def __init__(self, run: Path) -> None:
         self.run = Path(run)
         self.path = self.run / LOCK_NAME
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders made here, deepest first
 
     def __enter__(self) -> RunLock:
-        self._created = not self.run.exists()
+        missing, folder = [], self.run
+        while not folder.exists() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
         self.run.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         for _ in range(3):  # the lock file can be unlinked by a search releasing it meanwhile
             fd = self._open()
             try:
@@ -161,10 +166,9 @@ class RunLock:
         if self._fd is None:
             return
         try:
-            if {p.name for p in self.run.iterdir()} == {LOCK_NAME}:
-                self.path.unlink()
-                if self._created:
-                    self.run.rmdir()
+            self.path.unlink()
+            for folder in self._created:
+                folder.rmdir()  # OSError when not empty: it holds the run, keep it
         except OSError:
             pass  # a leftover empty folder or lock file is harmless
         finally:
