@@ -205,17 +205,21 @@ def count_syncs(monkeypatch: Any, run: Any) -> int:
     return calls[0]
 
 
+
+def _short_run(name: str, splits: Any, n_images: int) -> tuple[Any, Any]:
+    """A fresh cnn and ``name``'s 2-epoch run (batch 16) on the first ``n_images`` of train."""
+    clean = splits.train.subset(torch.arange(n_images))
+    cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
+    model = build_model("cnn", splits.info)
+    return model, defenses.get_defense(name).run(model, clean, splits.info, cfg, seed=0, device=CPU)
+
 @pytest.mark.parametrize("name", sorted(defenses.REGISTRY))
 def test_no_host_sync_per_step(name: str, monkeypatch: Any) -> None:
     """Host reads per epoch do not grow with the number of steps (the engine's one per epoch)."""
     splits = load_splits("digits", seed=0)
-    info = splits.info
 
     def syncs(n_images: int) -> int:
-        clean = splits.train.subset(torch.arange(n_images))
-        cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
-        model = build_model("cnn", info)
-        gen = defenses.get_defense(name).run(model, clean, info, cfg, seed=0, device=CPU)
+        model, gen = _short_run(name, splits, n_images)
         return count_syncs(monkeypatch, lambda: list(gen))
 
     assert syncs(32) == syncs(128)  # 2 vs 8 steps per epoch
@@ -251,10 +255,8 @@ def test_no_tensor_from_python_data_per_step(name: str, monkeypatch: Any) -> Non
     info = splits.info
 
     def built(n_images: int) -> int:
+        model, gen = _short_run(name, splits, n_images)
         clean = splits.train.subset(torch.arange(n_images))
-        cfg = defenses.make_config(name, {"epochs": 2, "batch_size": 16}, dataset="digits")
-        model = build_model("cnn", info)
-        gen = defenses.get_defense(name).run(model, clean, info, cfg, seed=0, device=CPU)
         return count_tensors_from_python(monkeypatch, lambda: (
             list(gen), evaluate(model, clean, clean, 0, info, device=CPU, batch_size=16)))
 
