@@ -298,26 +298,73 @@ def test_search_timing_counts_ray_waits_in_the_search_wall() -> None:
                   slots=2)["ray_overhead_share"] == 0.0
 
 
-def test_final_evaluations_leave_one_core_to_ray(monkeypatch: Any) -> None:
-    import torch
+class Reversed:
+    """A JobMap that finishes its jobs in reverse order (as parallel jobs may)."""
 
+    cpu_seconds = 0.0
+
+    def __call__(self, fn: Any, jobs: list, **shared: Any) -> Iterator[tuple[int, Any]]:
+        for i in reversed(range(len(jobs))):
+            yield i, fn(*jobs[i], device="cpu", **shared)
+
+
+def test_final_evaluation_is_one_job_per_victim_and_seed_reassembled_in_order(
+        monkeypatch: Any) -> None:
     from tuner import search
 
-    assert [search.final_threads(n) for n in (None, 1, 2, 16)] == [1, 1, 1, 15]
-    seen: list[int] = []
+    def fake_job(defense: str, params: dict, victim: Any, seed: int, mia: Any, precision: str,
+                 *, splits: Any, device: Any) -> dict[str, Any]:
+        assert splits == "SPLITS" and defense == "ngf"
+        return {"victim": victim.attack, "seed": seed, "mia": mia}
 
-    def fake_run_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        seen.append(torch.get_num_threads())
-        return {}
-
-    monkeypatch.setattr(search, "run_config", fake_run_config)
-    monkeypatch.setattr(search.os, "cpu_count", lambda: 3)
-    before = torch.get_num_threads()
+    monkeypatch.setattr(search, "final_job", fake_job)
     spec = ExperimentSpec(defense="ngf", final_seeds=2)
-    sets = [search.VictimSet(seed=0, victims=[], mia=None)]
-    runs = search.final_evaluation(spec, {}, sets, None)
-    assert [(r["victim_seed"], r["defense_seed"]) for r in runs] == [(0, 0), (0, 1)]
-    assert seen == [2, 2] and torch.get_num_threads() == before
+    a, b, c = (SimpleNamespace(attack=n) for n in ("badnets", "wanet", "sig"))
+    sets = [search.VictimSet(seed=0, victims=[a, b], mia=None),
+            search.VictimSet(seed=1, victims=[c], mia={"sig": 0.6})]
+    runs = search.final_evaluation(spec, {}, sets, "SPLITS", Reversed())
+    assert [(r["victim_seed"], r["defense_seed"], list(r["per_attack"])) for r in runs] == [
+        (0, 0, ["badnets", "wanet"]), (0, 1, ["badnets", "wanet"]), (1, 0, ["sig"]), (1, 1, ["sig"])]
+    assert all(cell["seed"] == r["defense_seed"] and cell["victim"] == name
+               for r in runs for name, cell in r["per_attack"].items())
+    assert runs[2]["per_attack"]["sig"]["mia"] == {"sig": 0.6}
+
+
+def job_probe() -> Any:
+    """A picklable RayMap job: where and how it ran."""
+
+    def probe(tag: str, meet: str, *, shared: dict, device: Any) -> dict[str, Any]:
+        """Waits (up to 60 s) until the other job of ``meet`` has started too."""
+        import torch
+
+        if tag == "boom":
+            raise ValueError("job boom failed")
+        Path(meet, tag).touch()
+        deadline = time.time() + 60
+        while len(os.listdir(meet)) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        return {"tag": tag, "pid": os.getpid(), "threads": torch.get_num_threads(),
+                "device": str(device), "shared": shared["n"], "met": len(os.listdir(meet)) == 2}
+
+    return probe
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_map_runs_jobs_as_parallel_tasks_with_a_trials_resources(tmp_path: Path,
+                                                                      ray_local: None) -> None:
+    jobs = trainable.RayMap(make_spec(tmp_path, cpus_per_trial=2.0))
+    meet = str(tmp_path / "meet")
+    os.mkdir(meet)
+    out = dict(jobs(job_probe(), [("a", meet), ("b", meet)], shared={"n": 7}))
+    assert [out[i]["tag"] for i in (0, 1)] == ["a", "b"]
+    assert {o["pid"] for o in out.values()}.isdisjoint({os.getpid()})  # Ray workers, not here
+    assert all(o["threads"] == 2 and o["device"] == "cpu" and o["shared"] == 7
+               for o in out.values())
+    assert out[0]["met"] and out[1]["met"]  # both ran at once (4 CPUs, 2 per job)
+    assert jobs.cpu_seconds >= 0.0
+    with pytest.raises(ValueError, match="job boom failed"):
+        dict(jobs(job_probe(), [("boom", meet), ("c", meet)], shared={"n": 1}))
 
 
 SHIPPED_DRIVER = textwrap.dedent("""

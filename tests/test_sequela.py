@@ -238,4 +238,4 @@ def test_victims_trained_elsewhere_skip_the_retuning_attack_instead_of_failing(z
                      sequela={"badnets": 0.5, "bb:theirs": 0.5})
     assert "sequela" in out["badnets"] and "sequela" not in out["bb:theirs"]
     assert out["bb:theirs"]["after"]["acc"] > 50.0
-    assert set(anchors([victim, theirs], clean.model("cpu"), splits, seed=0, device="cpu")) == {"badnets"}
+    assert set(anchors([victim, theirs], clean, splits, seed=0, device="cpu")) == {"badnets"}

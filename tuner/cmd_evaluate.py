@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
     if cmd.sequela and any(v.retunable for v in victims):
         (clean,) = get_victims(dataclasses.replace(cmd.zoo, attacks=("none",)), splits=splits,
                                progress=not cmd.json)
-        anchor = anchors(victims, clean.model(device), splits, seed=cmd.first_seed,
+        anchor = anchors(victims, clean, splits, seed=cmd.first_seed,
                          device=device, precision=precision)
     runs = []
     for seed in seeds:

@@ -30,13 +30,13 @@ from defenses import get_defense, make_config
 from tuner.records import CPU_SECONDS, DEVICE_SECONDS, GPU_PEAK_MB
 from zoo.data import Split, Splits, redraw_clean
 from zoo.metrics import der, evaluate
-from zoo.runtime import Precision
+from zoo.runtime import JobMap, Precision, SerialMap
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
 from zoo.victims import Victim
 
-__all__ = ["DIVERGED_METRICS", "CostMeter", "anchors", "mia_before", "planned_epochs", "resolve_config", "run_config",
-           "seeded_epochs", "subsample_index", "trial_epochs", "trial_payload"]
+__all__ = ["DIVERGED_METRICS", "CostMeter", "anchors", "final_job", "mia_before", "planned_epochs",
+           "resolve_config", "run_config", "seeded_epochs", "subsample_index", "trial_epochs", "trial_payload"]
 
 DIVERGED_METRICS = {"acc": 0.0, "asr": 100.0, "ra": 0.0, "der": 0.0}
 
@@ -294,17 +294,43 @@ def run_config(defense: str, params: Mapping[str, Any] | None, victims: Sequence
     return out
 
 
+def final_job(defense: str, params: Mapping[str, Any] | None, victim: Victim, seed: int,
+              mia: Mapping[str, float] | None, precision: Precision, *, splits: Splits,
+              device: torch.device) -> dict[str, Any]:
+    """One victim's :func:`run_config` on test: a job of ``tuner.search.final_evaluation``
+    (run here or in a Ray task, ``zoo.runtime.JobMap``)."""
+    return run_config(defense, params, [victim], splits, seed=seed, device=device, split="test",
+                      precision=precision, sequela=mia)[victim.attack]
+
+
 def mia_before(victims: Sequence[Victim], splits: Splits, *, seed: int, device: torch.device | str,
-               precision: Precision = "auto") -> dict[str, float]:
-    """Membership-inference AUC of each undefended victim (what a defense's change is against)."""
-    return {v.attack: mia_auc(v.model(device), splits, seed=seed, device=device,
-                              precision=precision) for v in victims}
+               precision: Precision = "auto", jobs: JobMap | None = None) -> dict[str, float]:
+    """Membership-inference AUC of each undefended victim (what a defense's change is against);
+    one job per victim (``jobs``, else here on ``device``)."""
+    done = dict((jobs or SerialMap(device))(_mia_job, [(v, seed, precision) for v in victims],
+                                            splits=splits))
+    return {v.attack: done[i] for i, v in enumerate(victims)}
 
 
-def anchors(victims: Sequence[Victim], clean_model: torch.nn.Module, splits: Splits, *, seed: int,
-            device: torch.device | str, precision: Precision = "auto") -> dict[str, dict]:
-    """Per attack: the re-tuning attack on the clean reference model and on the undefended
-    victim (:func:`zoo.sequela.ra_anchors`), the two ends a defended model's post-RA ASR
-    lies between. Victims trained elsewhere (not ``retunable``) have none."""
-    return {v.attack: ra_anchors(v, clean_model, splits, seed=seed, device=device,
-                                 precision=precision).as_dict() for v in victims if v.retunable}
+def _mia_job(victim: Victim, seed: int, precision: Precision, *, splits: Splits,
+             device: torch.device) -> float:
+    return mia_auc(victim.model(device), splits, seed=seed, device=device, precision=precision)
+
+
+def anchors(victims: Sequence[Victim], clean: Victim, splits: Splits, *, seed: int,
+            device: torch.device | str, precision: Precision = "auto", jobs: JobMap | None = None
+            ) -> dict[str, dict]:
+    """Per attack: the re-tuning attack on the clean reference model (``clean``, the "none"
+    victim) and on the undefended victim (:func:`zoo.sequela.ra_anchors`), the two ends a
+    defended model's post-RA ASR lies between; one job per victim (``jobs``, else here on
+    ``device``). Victims trained elsewhere (not ``retunable``) have none."""
+    some = [v for v in victims if v.retunable]
+    done = dict((jobs or SerialMap(device))(_anchor_job, [(v, clean, seed, precision) for v in some],
+                                            splits=splits))
+    return {v.attack: done[i] for i, v in enumerate(some)}
+
+
+def _anchor_job(victim: Victim, clean: Victim, seed: int, precision: Precision, *, splits: Splits,
+                device: torch.device) -> dict[str, Any]:
+    return ra_anchors(victim, clean.model(device), splits, seed=seed, device=device,
+                      precision=precision).as_dict()

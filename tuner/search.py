@@ -1,16 +1,21 @@
 """The search, end to end: ``run_search(spec) -> run directory``.
 
 1. check the spec, the data and the attacks (before anything is built or started);
-2. load the victims (search attacks + held-out attacks; built once, then stored) while Ray
-   is imported and started in a background thread;
-3. run the Ray Tune + Optuna search on the validation split (``tuner.trainable``, the only
+2. load the victims (search attacks + held-out attacks) from the store while Ray is imported
+   and started in a background thread; the missing ones are built as Ray tasks, in parallel,
+   and stored;
+3. final evaluation, on the test split, of the paper-default configuration (before the search:
+   it does not depend on it), seeds ``seed .. seed+final_seeds-1``, search and held-out victims,
+   one Ray task per victim and seed, next to the no-defense victims;
+4. run the Ray Tune + Optuna search on the validation split (``tuner.trainable``, the only
    module that imports Ray); write ``spec.json`` (with the run's provenance), ``space.json``,
    ``trials.json``, ``study.db``;
-4. final evaluation in this process, on the test split, of the paper-default configuration
-   (before the search, while Ray starts: it does not depend on the search) and of the best
-   one (after it, while Ray stops), seeds ``seed .. seed+final_seeds-1``, search and held-out
-   victims, next to the no-defense victims; write ``final.json``, ``timing.json`` and the
-   report.
+5. the best configuration's final evaluation as in 3; write ``final.json``, ``timing.json``
+   and the report.
+
+Victim builds and final evaluations go through a ``zoo.runtime.JobMap``: Ray tasks with a
+trial's resources here (``tuner.trainable.RayMap``), one after another in the driver for the
+commands without Ray (``zoo``, ``evaluate``).
 
 >>> from tuner.spec import ExperimentSpec                                 # doctest: +SKIP
 >>> run_search(ExperimentSpec(defense="ft", smoke_test=True))             # doctest: +SKIP
@@ -38,12 +43,13 @@ import torch
 from tuner import study as S
 from tuner._io import RunLock, write_json
 from tuner.cli import sigterm_as_ctrl_c
-from tuner.evaluation import anchors, mia_before, resolve_config, run_config, trial_payload
+from tuner.evaluation import anchors, final_job, mia_before, resolve_config, trial_payload
 from tuner.records import TrialRecord, least_infeasible, pick_best
 from tuner.report import console_summary, write_report
 from tuner.spaces import Space, space_to_json
 from tuner.spec import ExperimentSpec
 from zoo.data import Splits
+from zoo.runtime import JobMap, SerialMap
 from zoo.victims import Victim, get_victims, prepare_attacks
 
 __all__ = ["final_evaluation", "least_infeasible", "pick_best", "provenance", "run_search"]
@@ -75,24 +81,15 @@ def provenance(sampler: dict[str, Any]) -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _load_victims(spec: ExperimentSpec, splits: Splits) -> tuple[list[Victim], list[Victim], float]:
-    """Search victims, held-out victims, seconds (built once, then from the store)."""
+def _load_victims(spec: ExperimentSpec, splits: Splits, jobs: JobMap
+                  ) -> tuple[list[Victim], list[Victim], float]:
+    """Search victims, held-out victims, seconds (built once by ``jobs``, then from the store)."""
     start = time.perf_counter()
     zoo = spec.victims
     print(f"victims: {', '.join(zoo.attacks)} ({zoo.dataset}, {zoo.arch})", flush=True)
-    by_name = {v.attack: v for v in get_victims(zoo, splits=splits, progress=True)}
+    by_name = {v.attack: v for v in get_victims(zoo, splits=splits, progress=True, jobs=jobs)}
     return ([by_name[a] for a in spec.attacks], [by_name[a] for a in spec.holdout_attacks],
             time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def searched_params(spec: ExperimentSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -102,13 +99,6 @@ def searched_params(spec: ExperimentSpec, params: dict[str, Any]) -> dict[str, A
         return dict(params)
     cfg = resolve_config(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     return {**params, "epochs": int(cfg.epochs)}
-
-
-def final_threads(cores: int | None) -> int:
-    """Torch threads of the final evaluations: one core fewer than the machine has (at least
-    one), because Ray starts (before the search) or stops (after it) beside them; default and
-    best use the same count, so their test numbers compare (bench/README.md)."""
-    return max(1, (cores or 1) - 1)
 
 
 @dataclass(frozen=True)
@@ -121,38 +111,44 @@ class VictimSet:
     mia: dict[str, float] | None
 
 
-def victim_sets(spec: ExperimentSpec, first: list[Victim], splits: Splits) -> list[VictimSet]:
+def victim_sets(spec: ExperimentSpec, first: list[Victim], splits: Splits, jobs: JobMap | None = None
+                ) -> list[VictimSet]:
     """One set per ``--victim-seeds`` (the first is the search's victims; the others built once
-    and stored); with ``--sequela``, each victim's membership-inference AUC."""
+    and stored); with ``--sequela``, each victim's membership-inference AUC. ``jobs`` runs the
+    builds and measurements (None: here, one after another)."""
     device = torch.device(spec.zoo.device)
     sets = []
     for i in range(spec.victim_seeds):
         victims = first if i == 0 else get_victims(
-            dataclasses.replace(spec.victims, victim_seed=spec.seed + i), splits=splits)
+            dataclasses.replace(spec.victims, victim_seed=spec.seed + i), splits=splits, jobs=jobs)
         mia = mia_before(victims, splits, seed=spec.seed, device=device,
-                         precision=spec.zoo.precision) if spec.sequela else None
+                         precision=spec.zoo.precision, jobs=jobs) if spec.sequela else None
         sets.append(VictimSet(spec.seed + i, victims, mia))
     return sets
 
 
 def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], sets: list[VictimSet],
-                     splits: Splits) -> list[dict[str, Any]]:
+                     splits: Splits, jobs: JobMap | None = None) -> list[dict[str, Any]]:
     """``run_config`` on test for each victim seed and each defense seed: one run each,
-    ``{"victim_seed", "defense_seed", "per_attack": {attack: {before, after, ...}}}``."""
+    ``{"victim_seed", "defense_seed", "per_attack": {attack: {before, after, ...}}}``. Each
+    victim and seed is one job of ``jobs`` (None: here, one after another)."""
     params = searched_params(spec, params)
+    seeds = range(spec.seed, spec.seed + spec.final_seeds)
+    cells = [(vs, seed, v) for vs in sets for seed in seeds for v in vs.victims]
+    done = dict((jobs or SerialMap(spec.zoo.device))(
+        final_job, [(spec.defense, params, v, seed, vs.mia, spec.zoo.precision)
+                    for vs, seed, v in cells], splits=splits))
     runs = []
-    with _torch_threads(final_threads(os.cpu_count())):
-        for vs in sets:
-            for seed in range(spec.seed, spec.seed + spec.final_seeds):
-                per_attack = run_config(spec.defense, params, vs.victims, splits, seed=seed,
-                                        device=torch.device(spec.zoo.device), split="test",
-                                        precision=spec.zoo.precision, sequela=vs.mia)
-                runs.append({"victim_seed": vs.seed, "defense_seed": seed,
-                             "per_attack": per_attack})
+    for vs in sets:
+        for seed in seeds:
+            per_attack = {v.attack: done[i] for i, (s, d, v) in enumerate(cells)
+                          if s is vs and d == seed}
+            runs.append({"victim_seed": vs.seed, "defense_seed": seed, "per_attack": per_attack})
     return runs
 
 
-def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits) -> dict[str, Any]:
+def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits,
+               jobs: JobMap | None = None) -> dict[str, Any]:
     """final.json's reference part: the undefended victims (test, per victim seed; val), the
     split sizes, and with ``--sequela`` the re-tuning attack's anchors (the clean model and
     the undefended victim, first victim seed)."""
@@ -174,10 +170,9 @@ def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits) -> d
     if spec.sequela and any(v.retunable for v in first):
         device = torch.device(spec.zoo.device)
         (clean,) = get_victims(dataclasses.replace(spec.victims, attacks=("none",)),
-                               splits=splits)
-        with _torch_threads(final_threads(os.cpu_count())):
-            out["anchors"] = anchors(first, clean.model(device), splits, seed=spec.seed,
-                                     device=device, precision=spec.zoo.precision)
+                               splits=splits, jobs=jobs)
+        out["anchors"] = anchors(first, clean, splits, seed=spec.seed, device=device,
+                                 precision=spec.zoo.precision, jobs=jobs)
     return out
 
 
@@ -198,8 +193,12 @@ def _resume_hint(spec: ExperimentSpec) -> str:
 
 class _RayInBackground:
     """Ray imported and started in a thread while the driver loads the victims, and stopped in
-    one while it runs the final evaluation, so that neither costs the run wall time when there
-    is other work to hide it behind. ``waited`` is the time the driver still waited for them.
+    one while it writes the results, so that neither costs the run wall time when there is
+    other work to hide it behind. ``waited`` is the time the driver still waited for them.
+
+    It is also the run's ``zoo.runtime.JobMap``: jobs run as Ray tasks
+    (``tuner.trainable.RayMap``), waiting for Ray only when there is a job to run (victims all
+    in the store need none).
 
     One worker thread runs the start, then the stop, in that order. Leaving the ``with`` block
     (normally or by an exception, Ctrl-C included) stops Ray if it is not stopping yet and
@@ -211,6 +210,7 @@ class _RayInBackground:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ray")
         self._start: Future | None = None
         self._stop: Future | None = None
+        self._map: JobMap | None = None
 
     def __enter__(self) -> _RayInBackground:
         self._start = self._pool.submit(self._start_ray)
@@ -226,9 +226,21 @@ class _RayInBackground:
         assert self._start is not None
         t = time.perf_counter()
         try:
-            return self._start.result()[0]
+            trainable = self._start.result()[0]
         finally:
             self.waited += time.perf_counter() - t
+        sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
+        return trainable
+
+    def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
+                 ) -> Iterator[tuple[int, Any]]:
+        if self._map is None:
+            self._map = self.ready().RayMap(self.spec)
+        return self._map(fn, jobs, **shared)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self._map.cpu_seconds if self._map is not None else 0.0
 
     def stop(self) -> None:
         """Start stopping Ray (returns at once)."""
@@ -255,7 +267,7 @@ class _RayInBackground:
 
 def _final(spec: ExperimentSpec, best: TrialRecord | None, default: dict[str, Any],
            default_runs: list[dict[str, Any]], sets: list[VictimSet], splits: Splits,
-           refs: dict[str, Any], val_default: float | None) -> dict[str, Any]:
+           refs: dict[str, Any], val_default: float | None, jobs: JobMap) -> dict[str, Any]:
     """final.json: the default's runs (measured before the search), the best's, the
     references (no defense, sizes, anchors)."""
     out: dict[str, Any] = {
@@ -269,7 +281,7 @@ def _final(spec: ExperimentSpec, best: TrialRecord | None, default: dict[str, An
         if not same:
             print(f"final evaluation of the best configuration (trial {best.number}) on test: "
                   f"{_runs_text(spec, sets)}", flush=True)
-        runs = default_runs if same else final_evaluation(spec, best.params, sets, splits)
+        runs = default_runs if same else final_evaluation(spec, best.params, sets, splits, jobs)
         out["best"] = {"params": searched_params(spec, best.params), "val_score": best.score,
                        "trial": best.number, "runs": runs}
     return out
@@ -308,21 +320,20 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
     started = provenance(sampler)
     run = spec.run_dir
     with _RayInBackground(spec) as ray_bg:
-        victims, holdout, victim_s = _load_victims(spec, splits)
+        victims, holdout, victim_s = _load_victims(spec, splits, ray_bg)
 
-        # The paper default's test evaluation does not depend on the search: it runs while
-        # Ray starts (and its workers import torch), which it would otherwise wait for.
+        # The paper default's test evaluation does not depend on the search: it runs first,
+        # as Ray tasks (one per victim and seed) in every slot the search will use.
         default = dict(space.default)
-        t2, cpu2 = time.perf_counter(), time.process_time()
-        sets = victim_sets(spec, [*victims, *holdout], splits)
-        print(f"final evaluation of the paper default on test (while Ray starts): "
-              f"{_runs_text(spec, sets)}", flush=True)
-        default_runs = final_evaluation(spec, default, sets, splits)
-        refs = references(spec, sets, splits)
-        final_s, final_cpu = time.perf_counter() - t2, time.process_time() - cpu2
+        t2, cpu2 = time.perf_counter(), ray_bg.cpu_seconds
+        sets = victim_sets(spec, [*victims, *holdout], splits, ray_bg)
+        print(f"final evaluation of the paper default on test: {_runs_text(spec, sets)}",
+              flush=True)
+        default_runs = final_evaluation(spec, default, sets, splits, ray_bg)
+        refs = references(spec, sets, splits, ray_bg)
+        final_s, final_cpu = time.perf_counter() - t2, ray_bg.cpu_seconds - cpu2
 
         trainable = ray_bg.ready()
-        sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
         t1 = time.perf_counter()
         slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
         # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
@@ -333,7 +344,6 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
         trial_victims, trial_splits = trial_payload(victims, splits, retune=spec.objective == "robust")
         records = trainable.run_tune(spec, space, trial_victims, trial_splits, sampler=sampler,
                                      max_t=max_epochs_of_space(spec, space), epochs_fn=epochs_fn)
-        ray_bg.stop()  # Ray stops while the final evaluation runs
         search_s = time.perf_counter() - t1
         write_json(run / "trials.json", [r.to_json() for r in records])
         finished = sum(r.state != "incomplete" for r in records)
@@ -351,10 +361,10 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
         if best is None:
             print("no trial finished without error or divergence: only the default is evaluated",
                   file=sys.stderr)
-        t2, cpu2 = time.perf_counter(), time.process_time()
-        final = _final(spec, best, default, default_runs, sets, splits, refs, val_default)
+        t2, cpu2 = time.perf_counter(), ray_bg.cpu_seconds
+        final = _final(spec, best, default, default_runs, sets, splits, refs, val_default, ray_bg)
         final_s += time.perf_counter() - t2
-        final_cpu += time.process_time() - cpu2
+        final_cpu += ray_bg.cpu_seconds - cpu2
     write_json(run / "final.json", final)
     write_json(run / "timing.json", timing(
         wall=time.perf_counter() - t0, victims=victim_s, search=search_s, final=final_s,
@@ -372,7 +382,7 @@ def timing(*, wall: float, victims: float, search: float, final: float, ray_wait
     search, plus what the driver waited for Ray to start or stop) that its ``slots`` did not
     spend computing trials: ``1 - sum(trial seconds) / (slots * wall)``. Cost: the trials'
     CPU seconds and device-seconds (``TrialRecord``), their peak GPU memory, the final
-    evaluations' CPU seconds (the driver's process) and the victims built by this run."""
+    evaluations' CPU seconds (their Ray tasks') and the victims built by this run."""
     compute = sum(r.seconds for r in records)
     search_wall = search + ray_waited
     share = max(0.0, 1.0 - compute / (slots * search_wall)) if search_wall > 0 and slots else 0.0

@@ -18,7 +18,7 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "cluster_runtime_env", "max_concurrent", "run_tune", "start_ray",
-           "stop_ray", "trial"]
+__all__ = ["OptunaSearcher", "RayMap", "cluster_runtime_env", "max_concurrent", "run_tune", "start_ray",
+           "stop_ray", "trial", "worker_device"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -50,12 +50,7 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
           epochs_fn: EpochsFn | None = None) -> None:
     """One configuration on every victim; reports after each epoch. ``epochs_fn`` replaces
     ``tuner.evaluation.trial_epochs`` (tests install failing or slow ones)."""
-    keep_freed_memory()  # once per worker process (a process setting)
-    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
-    cuda = spec.gpus > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda and spec.gpus < 1:  # a GPU share caps the trial's memory to its share
-        torch.cuda.set_per_process_memory_fraction(spec.gpus, device)
+    device = worker_device(spec.cpus_per_trial, spec.gpus)
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
@@ -71,6 +66,65 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
             retune=spec.objective == "robust"):
         tune.report({**epoch_report(item, spec.objective, planned, reference), **extra,
                      **meter.read(spec.gpus)})
+
+
+def worker_device(cpus: float, gpus: float) -> torch.device:
+    """Set up this Ray worker for a trial's or a job's resources: its torch threads, and on a
+    GPU share its CUDA device, its memory capped to the share. Returns the device."""
+    keep_freed_memory()  # once per worker process (a process setting)
+    torch.set_num_threads(max(1, int(cpus)))
+    cuda = gpus > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda and gpus < 1:
+        torch.cuda.set_per_process_memory_fraction(gpus, device)
+    return device
+
+
+def _job(fn: Callable[..., Any], cpus: float, gpus: float, *args: Any, **kwargs: Any
+         ) -> tuple[Any, float]:
+    """One job of :class:`RayMap`, in a Ray worker: ``fn``'s result and its CPU seconds."""
+    device = worker_device(cpus, gpus)
+    start = time.process_time()
+    out = fn(*args, device=device, **kwargs)
+    return out, time.process_time() - start
+
+
+class RayMap:
+    """``zoo.runtime.JobMap`` over Ray tasks: victim builds and final evaluations run in
+    parallel with a trial's resources (``--cpus-per-trial``, ``--gpus-per-trial``) on every
+    node, the driver only sending them out and collecting their results. What the jobs share
+    (the splits) and each distinct object in them (a victim evaluated with several seeds) is put
+    in Ray's object store once. A job whose worker dies is retried by Ray; one that raises
+    re-raises here."""
+
+    def __init__(self, spec: ExperimentSpec) -> None:
+        self.cpus, self.gpus = spec.cpus_per_trial, spec.gpus
+        self.cpu_seconds = 0.0
+
+    def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
+                 ) -> Iterator[tuple[int, Any]]:
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_job)
+        refs: dict[int, Any] = {}
+
+        def ref(obj: Any) -> Any:  # Ray resolves object refs given as top-level arguments
+            if obj is None or isinstance(obj, (bool, int, float, str)):
+                return obj
+            if id(obj) not in refs:
+                refs[id(obj)] = ray.put(obj)
+            return refs[id(obj)]
+
+        kwargs = {k: ref(v) for k, v in shared.items()}
+        pending = {task.remote(fn, self.cpus, self.gpus, *map(ref, job), **kwargs): i
+                   for i, job in enumerate(jobs)}
+        try:
+            while pending:
+                (done,), _ = ray.wait(list(pending), num_returns=1)
+                out, cpu = ray.get(done)
+                self.cpu_seconds += cpu
+                yield pending.pop(done), out
+        finally:  # an error or Ctrl-C: the others are not wanted any more
+            for left in pending:
+                ray.cancel(left, force=True)
 
 
 def preload() -> None:

@@ -18,14 +18,15 @@ import ctypes
 import functools
 import platform
 import random
+import time
 import typing
-from collections.abc import Iterator
-from typing import Literal, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_native_bf16", "eval_batch_size",
+__all__ = ["PRECISIONS", "JobMap", "Precision", "SerialMap", "autocast", "cpu_has_native_bf16", "eval_batch_size",
            "cuda_has_native_bf16", "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
            "seed_everything", "to_device_layout", "use_bf16"]
 
@@ -150,3 +151,35 @@ def keep_freed_memory() -> bool:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+class JobMap(Protocol):
+    """Runs independent jobs (victim builds, final evaluations): ``fn(*job, device=..., **shared)``
+    for each job, yielding ``(index, result)`` as each finishes. ``shared`` holds what every job
+    reads (the splits): sent once. ``cpu_seconds``: the CPU time the jobs have taken so far.
+    :class:`SerialMap` runs them here; ``tuner.trainable.RayMap`` as Ray tasks."""
+
+    @property
+    def cpu_seconds(self) -> float: ...
+
+    def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
+                 ) -> Iterator[tuple[int, Any]]: ...
+
+
+class SerialMap:
+    """Jobs one after another in this process, on ``device`` (the path without Ray:
+    ``python -m tuner zoo``, ``evaluate``)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cpu_seconds = 0.0
+
+    def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
+                 ) -> Iterator[tuple[int, Any]]:
+        for i, job in enumerate(jobs):
+            start = time.process_time()
+            try:
+                result = fn(*job, device=self.device, **shared)
+            finally:
+                self.cpu_seconds += time.process_time() - start
+            yield i, result

@@ -22,12 +22,13 @@ no-defense metrics are measured once per dataset and split seed and kept in the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,19 @@ from zoo.external import (
 from zoo.manifest import ManifestVictim, load_manifest, store_victim
 from zoo.metrics import Metrics, evaluate
 from zoo.models import ARCHS, Classifier, build_model, canonical_arch
-from zoo.runtime import PRECISIONS, Precision, pick_device, prepare_model, reproducible_precision
+from zoo.runtime import (
+    PRECISIONS,
+    JobMap,
+    Precision,
+    SerialMap,
+    pick_device,
+    prepare_model,
+    reproducible_precision,
+)
 from zoo.store import Entry, Store
 from zoo.train import Recipe, default_recipe, train_victim
 
-__all__ = ["Victim", "ZooSpec", "check_victim_names", "check_zoo_dir", "get_victims", "prepare_attacks",
+__all__ = ["Victim", "ZooSpec", "build_victim", "check_victim_names", "check_zoo_dir", "get_victims", "prepare_attacks",
            "victim_description"]
 
 
@@ -378,24 +387,31 @@ def _clean_key(spec: ZooSpec, info: DatasetInfo) -> str:
     return Store.key(victim_description(spec, make_attack("none", info, seed=spec.training_seed)))
 
 
-def _prepare(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, progress: bool) -> float:
+def _prepare(attack: Attack, splits: Splits, device: torch.device, progress: bool,
+             clean_model: Callable[[], Classifier] | None) -> float:
     """Run ``attack.prepare`` (with a loader of the clean model when it needs one); returns seconds."""
     if not attack.needs_preparation:
         return 0.0
     start = time.perf_counter()
-
-    def clean_model() -> Classifier:
-        (clean,) = get_victims(spec, ["none"], splits=splits, device=device, progress=progress)
-        return clean.model(device)
-
     attack.prepare(splits, clean_model if attack.needs_clean_model else None, device, progress)
     return time.perf_counter() - start
 
 
-def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, progress: bool
-           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+def build_victim(spec: ZooSpec, attack: Attack, *, splits: Splits, device: torch.device,
+                 clean: dict[str, torch.Tensor] | None = None, progress: bool = False
+                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Train one victim on ``device``: its tensor groups and meta, what the store keeps. A job
+    of :func:`get_victims` (here or in a Ray task); ``clean`` is the clean model's weights, for
+    an attack whose trigger derives from it."""
+    def clean_model() -> Classifier:
+        if clean is None:
+            raise ValueError(f"{attack.name}: needs the clean model's weights")
+        model = build_model(spec.arch, splits.info)
+        model.load_state_dict(clean)
+        return prepare_model(model, device)
+
     start = time.perf_counter()
-    prepare_s = _prepare(spec, attack, splits, device, progress)
+    prepare_s = _prepare(attack, splits, device, progress, clean_model)
     recipe = spec.training_recipe(attack.name)
     rate = spec.rate_for(attack.name)
     precision = spec.victim_precision(device)
@@ -406,9 +422,9 @@ def _build(spec: ZooSpec, attack: Attack, splits: Splits, device: torch.device, 
     model.load_state_dict(state)
     model = prepare_model(model, device)
     metrics = {
-        name: evaluate(model, clean, attack.triggered(clean), attack.target, splits.info, device=device,
+        name: evaluate(model, part, attack.triggered(part), attack.target, splits.info, device=device,
                        precision=precision).as_dict()
-        for name, clean in (("val", splits.val), ("test", splits.test))
+        for name, part in (("val", splits.val), ("test", splits.test))
     }
     meta = {
         "attack": attack.name,
@@ -527,12 +543,14 @@ def get_victims(
     splits: Splits | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    jobs: JobMap | None = None,
 ) -> list[Victim]:
     """Load each attack's victim (``spec.attacks`` when None) from the store, building (and
-    storing) the missing ones, on ``device`` (None: ``spec.device``).
+    storing) the missing ones with ``jobs`` (``tuner.trainable.RayMap``: in parallel, as Ray
+    tasks; None: one after another here, on ``device``, None meaning ``spec.device``).
 
     Validation happens first: a bad attack or poison rate raises DataError before anything is
-    trained or written. Concurrent callers build each victim once (the store's lock is held
+    trained or written. Concurrent callers build each victim once (the store's locks are held
     around "get, else build and put").
     """
     if splits is None:
@@ -540,26 +558,59 @@ def get_victims(
     prepared, external = _prepare_all(spec, attacks, splits)
     dev = pick_device(spec.device if device is None else device)
     store = _open_store(spec)
+    names = list(dict.fromkeys(spec.attacks if attacks is None else attacks))
+    keys = {n: store.key(victim_description(spec, prepared[n])) for n in names if n not in external}
+    start = time.perf_counter()
+    entries = {n: _verified(store, k, splits.info) for n, k in keys.items()}
+    loaded_s = (time.perf_counter() - start) / max(1, len(keys))
+    missing = [n for n in keys if entries[n] is None]
+    built = _build_missing(spec, missing, prepared, keys, entries, splits, store, dev, progress,
+                           jobs) if missing else set()
     victims = []
-    for name in dict.fromkeys(spec.attacks if attacks is None else attacks):
-        start = time.perf_counter()
+    for name in names:
         if name in external:
             victims.append(_external_victim(spec, name, external[name], splits, store, dev))
             continue
-        attack = prepared[name]
-        key = store.key(victim_description(spec, attack))
-        entry, built = _verified(store, key, splits.info), False
-        if entry is None:
-            with store.lock(key):
-                entry = _verified(store, key, splits.info)
-                if entry is None:
-                    groups, meta = _build(spec, attack, splits, dev, progress)
-                    entry, built = store.put(key, groups, meta), True
-        victim = _victim(spec, splits.info, splits, entry, float(entry.meta["seconds"]), built)
-        if not built:
-            victim.seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        entry = entries[name]
+        assert entry is not None
+        victim = _victim(spec, splits.info, splits, entry, float(entry.meta["seconds"]),
+                         name in built)
+        if name not in built:
+            victim.seconds = loaded_s + time.perf_counter() - start
         victims.append(victim)
     return victims
+
+
+def _build_missing(spec: ZooSpec, missing: list[str], prepared: dict[str, Attack],
+                   keys: dict[str, str], entries: dict[str, Entry | None], splits: Splits,
+                   store: Store, device: torch.device, progress: bool, jobs: JobMap | None
+                   ) -> set[str]:
+    """Build the ``missing`` victims (``jobs``, or here one after another) and store them;
+    fills ``entries``; returns the names this call built. The clean model comes first when an
+    attack's trigger derives from it."""
+    clean = None
+    if any(prepared[n].needs_clean_model for n in missing):
+        (c,) = get_victims(spec, ["none"], splits=splits, device=device, progress=progress,
+                           jobs=jobs)
+        clean = c.state_dict
+    built: set[str] = set()
+    with contextlib.ExitStack() as locks:
+        for name in sorted(missing, key=keys.__getitem__):  # one order: no deadlock
+            locks.enter_context(store.lock(keys[name]))
+        for name in missing:  # another process may have built some meanwhile ("none": we did)
+            entries[name] = _verified(store, keys[name], splits.info)
+        todo = [n for n in missing if entries[n] is None]
+        runner = jobs or SerialMap(device)
+        for i, (groups, meta) in runner(build_victim, [(spec, prepared[n]) for n in todo],
+                                        splits=splits, clean=clean,
+                                        progress=progress and jobs is None):
+            entries[todo[i]] = store.put(keys[todo[i]], groups, meta)
+            built.add(todo[i])
+            if progress and jobs is not None:
+                print(f"  victim {todo[i]} built in {meta['seconds']:.0f}s "
+                      f"({len(built)}/{len(todo)})", file=sys.stderr, flush=True)
+    return built
 
 
 # ---------------------------------------------------------------------------------------------
