@@ -14,9 +14,11 @@ Optuna APIs only.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pickle
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,11 +92,16 @@ def start_ray(spec: ExperimentSpec) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
     if spec.address is None:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
-                 logging_level=logging.ERROR,
-                 runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
+        context = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                           object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
+                           logging_level=logging.ERROR,
+                           runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
         private_token()
+        info = getattr(context, "address_info", {})  # a RayContext (typed as its base class)
+        ip = info.get("node_ip_address") or "127.0.0.1"
+        if not ipaddress.ip_address(ip).is_loopback:  # tuner._ray_compat came after import ray
+            print(f"warning: the local Ray listens on all interfaces (node IP {ip}): ray was "
+                  "imported before the search could keep it on loopback", file=sys.stderr)
         return True
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
