@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
+from tuner._ray_compat import keep_local_ray_on_loopback
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Before any test module imports ray (Ray reads it then): the local Rays of the tests listen on
+# loopback only, as a search's does (tuner._ray_compat).
+keep_local_ray_on_loopback()
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,7 @@ import torch
 
 from tuner import study as S
 from tuner._io import RunLock, write_json
+from tuner._ray_compat import keep_local_ray_on_loopback
 from tuner.cli import sigterm_as_ctrl_c
 from tuner.evaluation import anchors, final_job, mia_before, resolve_config, trial_payload
 from tuner.records import TrialRecord, least_infeasible, pick_best
@@ -217,6 +218,8 @@ class _RayInBackground:
         return self
 
     def _start_ray(self) -> tuple[Any, bool]:
+        if self.spec.address is None:  # read by Ray when it is imported, just below
+            keep_local_ray_on_loopback()
         from tuner import trainable  # imports ray: ~0.7 s, hidden here too
 
         return trainable, trainable.start_ray(self.spec)

@@ -14,9 +14,12 @@ Optuna APIs only.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -144,11 +147,18 @@ def start_ray(spec: ExperimentSpec) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # read by ray.init: no telemetry
     if spec.address is None:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
-                 logging_level=logging.ERROR,
-                 runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
+        context = ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                           object_store_memory=OBJECT_STORE_CAP, log_to_driver=False,
+                           logging_level=logging.ERROR,
+                           runtime_env={"worker_process_setup_hook": "tuner.trainable.preload"})
         private_token()
+        info = getattr(context, "address_info", {})  # a RayContext (typed as its base class)
+        if info.get("session_dir"):
+            start_reaper(info["session_dir"])
+        ip = info.get("node_ip_address") or "127.0.0.1"
+        if not ipaddress.ip_address(ip).is_loopback:  # tuner._ray_compat came after import ray
+            print(f"warning: the local Ray listens on all interfaces (node IP {ip}): ray was "
+                  "imported before the search could keep it on loopback", file=sys.stderr)
         return True
     if spec.address != "auto":
         check_reachable(spec.address, JOIN_TIMEOUT_S)
@@ -184,6 +194,23 @@ def private_token(path: Path | None = None) -> None:
             os.chmod(path, 0o600, follow_symlinks=False)
     except (OSError, NotImplementedError):
         pass  # not ours to fix (another user's file, a filesystem without modes)
+
+
+def start_reaper(session_dir: str) -> None:
+    """Start ``tuner/_reaper.py``, which stops this local Ray's processes if the driver dies
+    without stopping them (``kill -9``: Ray's agents otherwise outlive it by a minute). It
+    detaches itself (this waits ~30 ms for that) and leaves once Ray has stopped; nothing to
+    start without /proc (not Linux)."""
+    if not Path("/proc/self/stat").exists():
+        return
+    try:
+        subprocess.run([sys.executable, "-I", "-S", str(Path(__file__).with_name("_reaper.py")),
+                        str(os.getpid()), session_dir], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       start_new_session=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"warning: no reaper for the local Ray ({type(exc).__name__}): if this driver is "
+              "killed, Ray's agents outlive it by a minute", file=sys.stderr)
 
 
 def stop_ray() -> None:
