@@ -324,6 +324,7 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
         trainable = ray_bg.ready()
         sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
         t1 = time.perf_counter()
+        spec = trainable.on_cluster(spec)  # --address, no --gpus-per-trial: its GPUs decide
         slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
         # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
         if not spec.resume:

@@ -37,8 +37,8 @@ from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "cluster_runtime_env", "max_concurrent", "run_tune", "start_ray",
-           "stop_ray", "trial"]
+__all__ = ["OptunaSearcher", "check_cuda", "cluster_runtime_env", "max_concurrent", "on_cluster",
+           "run_tune", "start_ray", "stop_ray", "trial"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -52,10 +52,11 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
     ``tuner.evaluation.trial_epochs`` (tests install failing or slow ones)."""
     keep_freed_memory()  # once per worker process (a process setting)
     torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
-    cuda = spec.gpus > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda and spec.gpus < 1:  # a GPU share caps the trial's memory to its share
-        torch.cuda.set_per_process_memory_fraction(spec.gpus, device)
+    device = torch.device(spec.trial_device)
+    if device.type == "cuda":
+        check_cuda(spec.gpus)
+        if spec.gpus < 1:  # a GPU share caps the trial's memory to its share
+            torch.cuda.set_per_process_memory_fraction(spec.gpus, device)
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
@@ -71,6 +72,19 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
             retune=spec.objective == "robust"):
         tune.report({**epoch_report(item, spec.objective, planned, reference), **extra,
                      **meter.read(spec.gpus)})
+
+
+def check_cuda(gpus: float) -> None:
+    """A trial given a GPU share runs on it or fails saying why, never silently on the node's
+    CPU (a worker whose torch is a CPU build, or that sees no GPU driver)."""
+    if torch.cuda.is_available():
+        return
+    node = ray.get_runtime_context().get_node_id()
+    raise RuntimeError(
+        f"trial given {gpus:g} GPU on node {ray.util.get_node_ip_address()} ({node[:12]}), but "
+        f"torch {torch.__version__} there cannot use CUDA (torch.cuda.is_available() is False, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): expected a "
+        "CUDA build of torch and a GPU driver on that node, or --gpus-per-trial 0")
 
 
 def preload() -> None:
@@ -137,8 +151,25 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
+def on_cluster(spec: ExperimentSpec) -> ExperimentSpec:
+    """``spec`` with ``--gpus-per-trial`` resolved from the joined cluster's GPUs where it was
+    left to the cluster (``--address`` without it), saying which; else ``spec`` itself."""
+    if spec.gpus_per_trial is not None:
+        return spec
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    resolved = spec.on_cluster(gpus)
+    if resolved.gpus:
+        print(f"the cluster has {gpus:g} GPU(s): each trial gets {resolved.gpus:g} GPU "
+              "(--gpus-per-trial 0 or --device cpu for CPU trials)", flush=True)
+    else:
+        print("the cluster has no GPU: CPU trials (--gpus-per-trial to ask for GPUs)",
+              flush=True)
+    return resolved
+
+
 def max_concurrent(spec: ExperimentSpec) -> int:
     """How many trials run at once: as many as fit in the cluster, capped by --max-concurrent."""
+    spec = on_cluster(spec)
     have = ray.cluster_resources()
     fit = int(have.get("CPU", 0) / spec.cpus_per_trial + 1e-9)
     if spec.gpus > 0:
@@ -240,6 +271,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Only the JSON and CSV loggers given below (no TensorBoard writer on the driver).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    spec = on_cluster(spec)
     limit = max_concurrent(spec)
     fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits,
                               epochs_fn=epochs_fn)
