@@ -55,6 +55,9 @@ MAX_EPOCHS = 1_000  # --max-epochs (a defense's own epochs are bounded by zoo.co
 MAX_SEEDS = 100  # --final-seeds, --victim-seeds
 MIN_CPUS = 0.01  # cores per trial; Ray counts resources in units of 1e-4
 GPU_SHARE = 0.25  # the default GPU share of a trial where there are GPUs: four trials per GPU
+# --autoscale without --max-concurrent: at least this many trials in flight (one GPU's worth at
+# GPU_SHARE), so the autoscaler sees demand beyond an empty cluster and adds a node.
+AUTOSCALE_TRIALS = 4
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -91,8 +94,8 @@ class ExperimentSpec:
         "has at most --num-samples trials", default_text="none: --num-samples trials",
         metavar="S", group="search"))
     max_concurrent: int | None = field(default=None, metadata=_opt(
-        "most trials at once", default_text="as many as the CPUs/GPUs fit", group="search",
-        resource=True))
+        "most trials at once", default_text="as many as the CPUs/GPUs fit; with --autoscale "
+        f"that many but at least {AUTOSCALE_TRIALS}", group="search", resource=True))
     scheduler: Scheduler = field(default="asha", metadata=_opt(
         "asha stops poor trials early (recorded in Optuna as pruned); fifo runs every trial to "
         "its end", group="search"))
@@ -144,6 +147,11 @@ class ExperimentSpec:
     address: str | None = field(default=None, metadata=_opt(
         "join a running Ray cluster: 'auto' or HOST:PORT",
         default_text="a local Ray that starts and stops with the run",
+        group="resources and cluster", resource=True))
+    autoscale: bool = field(default=False, metadata=_opt(
+        "the --address cluster autoscales: trials that do not fit yet wait (PENDING) for the "
+        "nodes the autoscaler adds for them, instead of a refusal when none fits now; needs "
+        "--gpus-per-trial (the GPUs may not be there yet to count)",
         group="resources and cluster", resource=True))
     output: Path = field(default=Path("runs"), metadata=_opt(
         "parent folder of run folders", group="output", resource=True))
@@ -233,6 +241,13 @@ class ExperimentSpec:
             object.__setattr__(self, "storage", check_storage(self.storage))
         if self.address is not None:
             check_address(self.address)
+        if self.autoscale and self.address is None:
+            raise UsageError("--autoscale: a local Ray never grows: expected --address of a "
+                             "cluster whose autoscaler adds nodes (KubeRay, `ray up`)")
+        if self.autoscale and self.gpus_per_trial is None:
+            raise UsageError("--autoscale needs --gpus-per-trial: an autoscaling cluster may have "
+                             f"no GPU yet to count when the search starts (expected {GPU_SHARE:g} "
+                             "for GPU trials, 0 for CPU trials)")
 
     # -- derived ---------------------------------------------------------------------------
     @property

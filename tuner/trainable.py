@@ -33,12 +33,12 @@ from ray.tune.search import Searcher
 from tuner.errors import UsageError
 from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
-from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
+from tuner.spec import AUTOSCALE_TRIALS, RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "check_cuda", "cluster_runtime_env", "max_concurrent", "on_cluster",
-           "run_tune", "start_ray", "stop_ray", "trial"]
+__all__ = ["OptunaSearcher", "check_cuda", "cluster_runtime_env", "fitting", "max_concurrent",
+           "on_cluster", "run_tune", "start_ray", "stop_ray", "trial"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -162,22 +162,33 @@ def on_cluster(spec: ExperimentSpec) -> ExperimentSpec:
         print(f"the cluster has {gpus:g} GPU(s): each trial gets {resolved.gpus:g} GPU "
               "(--gpus-per-trial 0 or --device cpu for CPU trials)", flush=True)
     else:
-        print("the cluster has no GPU: CPU trials (--gpus-per-trial to ask for GPUs)",
-              flush=True)
+        print("the cluster has no GPU: CPU trials (--gpus-per-trial to ask for GPUs, with "
+              "--autoscale if the autoscaler adds them)", flush=True)
     return resolved
 
 
-def max_concurrent(spec: ExperimentSpec) -> int:
-    """How many trials run at once: as many as fit in the cluster, capped by --max-concurrent."""
-    spec = on_cluster(spec)
-    have = ray.cluster_resources()
+def fitting(spec: ExperimentSpec, have: dict[str, float]) -> int:
+    """How many trials of ``spec`` fit in the resources ``have`` (Ray's resource dict)."""
     fit = int(have.get("CPU", 0) / spec.cpus_per_trial + 1e-9)
     if spec.gpus > 0:
         fit = min(fit, int(have.get("GPU", 0) / spec.gpus + 1e-9))
+    return fit
+
+
+def max_concurrent(spec: ExperimentSpec) -> int:
+    """How many trials run at once: as many as fit in the cluster now, capped by
+    --max-concurrent. With --autoscale, --max-concurrent (else what fits now, at least
+    ``AUTOSCALE_TRIALS``): trials beyond what fits wait for the nodes the autoscaler adds."""
+    spec = on_cluster(spec)
+    have = ray.cluster_resources()
+    fit = fitting(spec, have)
+    if spec.autoscale:
+        return spec.max_concurrent or max(fit, AUTOSCALE_TRIALS)
     if fit < 1:
         raise UsageError(f"--cpus-per-trial {spec.cpus_per_trial:g} / --gpus-per-trial "
                          f"{spec.gpus:g}: no trial fits in the cluster "
-                         f"({have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU)")
+                         f"({have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU); if its "
+                         "autoscaler adds nodes, --autoscale lets the trials wait for them")
     return min(fit, spec.max_concurrent) if spec.max_concurrent else fit
 
 
@@ -296,6 +307,11 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                        CSVLoggerCallback()]))
     print(f"search: {spec.num_samples} trials of {spec.defense} on {len(victims)} victims, "
           f"up to {limit} at once, {spec.scheduler} (max {max_t} epochs)", flush=True)
+    waiting = min(limit, spec.num_samples) - fitting(spec, ray.cluster_resources()) \
+        if spec.autoscale else 0
+    if waiting > 0:
+        print(f"  --autoscale: {waiting} of them wait (PENDING) for the nodes the autoscaler adds",
+              flush=True)
     tuner.fit()
     # Read the states back from the experiment as saved: in a restored run the in-memory
     # result of a trial finished before the interruption can lack its "done" flag.
