@@ -1,11 +1,14 @@
-"""Running on a cluster (issue 20): a joined cluster's GPUs decide the GPU share unless the
-flags do; a trial given a GPU share fails saying so where CUDA is missing; ``--autoscale`` lets
-trials wait for nodes.
+"""Running on a cluster (issue 20): the example manifests run our own command on resources
+that fit it; a joined cluster's GPUs decide the GPU share unless the flags do; a trial given a
+GPU share fails saying so where CUDA is missing; ``--autoscale`` lets trials wait for nodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import shlex
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +18,125 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
-from tuner import cli
+from tuner import cli, flags
 from tuner.errors import UsageError
-from tuner.spec import AUTOSCALE_TRIALS, ExperimentSpec, from_args
+from tuner.spec import AUTOSCALE_TRIALS, ExperimentSpec, cpu_trials, from_args
 from zoo.victims import ZooSpec
+from zoo.yamlsafe import strict_loader
 
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
 ADDRESS = "10.0.0.5:6379"  # a cluster address that is never reached (check_reachable is faked)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def load(path: Path) -> Any:
+    return yaml.load(path.read_text(), Loader=strict_loader(path.name, max_depth=16))
+
+
+def pinned(package: str) -> str:
+    """The version constraints.txt pins for ``package``."""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, _, version = line.partition("==")
+        if name.strip().lower() == package:
+            return version.strip()
+    raise AssertionError(f"{package} is not pinned in constraints.txt")
+
+
+def search_spec(command: str) -> ExperimentSpec:
+    """``python -m tuner ...`` read by the tool's own parser and spec (a renamed or removed flag,
+    or a value the spec refuses, fails here), without reaching the cluster it names."""
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "tuner"], command
+    args = cli.build_parser().parse_args(["search", *argv[3:]])
+    return flags.build(ExperimentSpec, args, **cpu_trials(args))
+
+
+def cores(quantity: Any) -> float:
+    """A Kubernetes CPU quantity ("8", "500m") in cores."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def trials_per_node(spec: ExperimentSpec, cpus: float, gpus: float) -> int:
+    return min(int(cpus / spec.cpus_per_trial + 1e-9), int(gpus / spec.gpus + 1e-9))
+
+
+def under(path: str, mounts: list[str]) -> bool:
+    return any(Path(path).is_relative_to(m) for m in mounts)
+
+
+# -- the manifests ---------------------------------------------------------------------------
+def test_rayjob_runs_our_search_on_a_gpu_worker_group_that_fits_it() -> None:
+    doc = load(EXAMPLES / "kuberay-rayjob.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = search_spec(doc["spec"]["entrypoint"])
+    assert spec.address == "auto" and spec.gpus == 0.25 and spec.autoscale
+    cluster = doc["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == pinned("ray")
+    assert cluster["enableInTreeAutoscaling"] is True  # --autoscale waits for its nodes
+    head = cluster["headGroupSpec"]
+    pods = [head["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    assert "rayStartParams" in head and all("rayStartParams" in g for g in cluster["workerGroupSpecs"])
+    # One image everywhere: the driver and the trials run the same versions.
+    images = {c["image"] for pod in pods for c in pod["containers"]}
+    assert len(images) == 1, images
+    capacity = 0
+    for group in cluster["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        if gpus:
+            capacity += trials_per_node(spec, cores(limits["cpu"]), gpus) * group["maxReplicas"]
+    assert capacity >= (spec.max_concurrent or 1), "the GPU workers cannot hold the trials asked"
+    # Every pod reaches Tune's storage; the driver (head) also writes the run folder and victims.
+    storage = str(spec.storage).removeprefix("file://")
+    for pod in pods:
+        (container,) = pod["containers"]
+        mounts = [m["mountPath"] for m in container["volumeMounts"]]
+        assert under(storage, mounts), (storage, mounts)
+        claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        assert {m["name"] for m in container["volumeMounts"]} <= claims
+    head_mounts = [m["mountPath"] for m in head["template"]["spec"]["containers"][0]["volumeMounts"]]
+    assert under(str(spec.output), head_mounts) and under(str(spec.zoo.zoo_dir), head_mounts)
+
+
+def test_rayjob_image_is_built_on_the_pinned_ray_with_the_constraints() -> None:
+    text = (EXAMPLES / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", text, re.M)
+    assert base is not None and base.group(1) == pinned("ray")
+    assert re.search(r"^RUN pip install .*-c constraints\.txt \.$", text, re.M)
+
+
+def test_cluster_launcher_config_is_valid_for_ray_and_fits_the_search() -> None:
+    import jsonschema
+    import ray
+
+    doc = load(EXAMPLES / "ray-cluster.yaml")
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(doc, schema)  # what `ray up` checks first
+    types = doc["available_node_types"]
+    assert doc["head_node_type"] in types
+    spec = search_spec(doc["metadata"]["search"])
+    assert spec.address == "auto" and spec.gpus == 0.25 and spec.autoscale
+    gpu_types = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
+    capacity = sum(trials_per_node(spec, t["resources"]["CPU"], t["resources"]["GPU"]) *
+                   t["max_workers"] for t in gpu_types)
+    assert capacity >= (spec.max_concurrent or 1), "the GPU workers cannot hold the trials asked"
+    assert sum(t["max_workers"] for t in gpu_types) <= doc["max_workers"]
+    assert doc["docker"]["image"].startswith(f"rayproject/ray:{pinned('ray')}-")
+    # The repository is copied to every node and installed there with its pinned versions.
+    (remote,) = [r for r, local in doc["file_mounts"].items() if Path(local) == Path(".")]
+    assert f"pip install -q -c {remote}/constraints.txt -e {remote}" in doc["setup_commands"]
+
+
+def test_readme_points_to_example_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"examples/[\w.\-]+", readme))
+    assert {"examples/kuberay-rayjob.yaml", "examples/ray-cluster.yaml"} <= named
+    assert all((ROOT / name).is_file() for name in named), named
 
 
 # -- the GPU share: flags first, then the cluster ---------------------------------------------
