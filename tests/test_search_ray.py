@@ -142,12 +142,35 @@ def test_study_export_and_best_prefers_complete_trials(tmp_path: Path) -> None:
 
 
 # -- real Ray ----------------------------------------------------------------------------------
+def fake_cuda() -> Any:
+    """Ray's ``worker_process_setup_hook`` (a closure: Ray pickles it by value): on a machine
+    without CUDA, the workers pretend to have it (the fake epochs never compute), so GPU-share
+    trials get past the trial's CUDA check and their scheduling is tested here. A machine with
+    CUDA is left as it is."""
+
+    def hook() -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.cuda.is_available = lambda: True
+            torch.cuda.set_per_process_memory_fraction = lambda fraction, device=None: None
+            torch.cuda.reset_peak_memory_stats = lambda device=None: None
+            torch.cuda.max_memory_allocated = lambda device=None: 0
+
+    return hook
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_four_quarter_gpu_trials_run_at_once(tmp_path: Path, ray_local: None) -> None:
+def test_four_quarter_gpu_trials_run_at_once(tmp_path: Path) -> None:
+    ray.init(address="local", num_cpus=4, num_gpus=1, **RAY_ARGS,
+             runtime_env={"worker_process_setup_hook": fake_cuda()})
     spec = make_spec(tmp_path, num_samples=4, gpus_per_trial=0.25)
-    assert trainable.max_concurrent(spec) == 4
-    records = run(spec, sleeper(6.0))  # long enough to overlap on a loaded machine
+    try:
+        assert trainable.max_concurrent(spec) == 4
+        records = run(spec, sleeper(6.0))  # long enough to overlap on a loaded machine
+    finally:
+        ray.shutdown()
     assert len(records) == 4 and all(r.state == "complete" for r in records)
     starts = [r.started_at or 0.0 for r in records]
     ends = [s + r.seconds for s, r in zip(starts, records)]

@@ -27,7 +27,7 @@ from defenses import REGISTRY
 from tuner import flags
 from tuner._io import write_json
 from tuner.errors import UsageError
-from tuner.spec import ExperimentSpec, check_name, check_writable, victims_default, with_stored_run
+from tuner.spec import ExperimentSpec, check_name, check_writable, cpu_trials, victims_default, with_stored_run
 
 __all__ = ["TIME_BUDGET_TRIALS", "CompareSpec", "Comparison", "from_args", "run_compare"]
 
@@ -88,7 +88,7 @@ def from_args(args: argparse.Namespace) -> Comparison:
                          f"{given_seconds:g}: expected one budget, not both")
     trials = cs.budget_trials or (TIME_BUDGET_TRIALS if given_seconds is not None else 16)
     base = flags.build(ExperimentSpec, args, smoke=smoke, defense=cs.defenses[0],
-                       num_samples=trials, name="base")
+                       num_samples=trials, name="base", **cpu_trials(args))
     base = dataclasses.replace(base, zoo=victims_default(base.zoo, args))
     if base.space is not None and len(cs.defenses) > 1:
         raise UsageError(f"--space {base.space}: one space file cannot serve "

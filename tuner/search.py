@@ -233,6 +233,8 @@ class _RayInBackground:
         finally:
             self.waited += time.perf_counter() - t
         sigterm_as_ctrl_c()  # again: ray.init replaced it with Ray's fatal-signal handler
+        if self.spec.address is not None and self.spec.gpus_per_trial is None:
+            self.spec = trainable.on_cluster(self.spec)  # the joined cluster's GPUs decide
         return trainable
 
     def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
@@ -338,6 +340,7 @@ def _run(spec: ExperimentSpec, t0: float, epochs_fn: Callable[..., Iterator[dict
 
         trainable = ray_bg.ready()
         t1 = time.perf_counter()
+        spec = ray_bg.spec  # --address without --gpus-per-trial: resolved from its GPUs
         slots = trainable.max_concurrent(spec)  # a cluster that fits no trial: refused here
         # Written once the search can start: a refusal or Ctrl-C before leaves nothing.
         if not spec.resume:

@@ -41,7 +41,8 @@ from zoo.manifest import load_manifest
 from zoo.train import Recipe, default_recipe
 from zoo.victims import ZooSpec, check_victim_names, check_zoo_dir
 
-__all__ = ["ExperimentSpec", "check_storage", "check_writable", "default_name", "from_args", "victims_default"]
+__all__ = ["ExperimentSpec", "check_storage", "check_writable", "cpu_trials", "default_gpus_per_trial",
+           "default_name", "from_args", "victims_default"]
 
 Scheduler = Literal["asha", "fifo"]
 # The smoke-test victims train this many epochs (stored apart from the real ones): enough to
@@ -53,6 +54,10 @@ MAX_SAMPLES = 10_000  # trials of one search
 MAX_EPOCHS = 1_000  # --max-epochs (a defense's own epochs are bounded by zoo.config)
 MAX_SEEDS = 100  # --final-seeds, --victim-seeds
 MIN_CPUS = 0.01  # cores per trial; Ray counts resources in units of 1e-4
+GPU_SHARE = 0.25  # the default GPU share of a trial where there are GPUs: four trials per GPU
+# --autoscale without --max-concurrent: at least this many trials in flight (one GPU's worth at
+# GPU_SHARE), so the autoscaler sees demand beyond an empty cluster and adds a node.
+AUTOSCALE_TRIALS = 4
 
 
 def _opt(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -89,8 +94,8 @@ class ExperimentSpec:
         "has at most --num-samples trials", default_text="none: --num-samples trials",
         metavar="S", group="search"))
     max_concurrent: int | None = field(default=None, metadata=_opt(
-        "most trials at once", default_text="as many as the CPUs/GPUs fit", group="search",
-        resource=True))
+        "most trials at once", default_text="as many as the CPUs/GPUs fit; with --autoscale "
+        f"that many but at least {AUTOSCALE_TRIALS}", group="search", resource=True))
     scheduler: Scheduler = field(default="asha", metadata=_opt(
         "asha stops poor trials early (recorded in Optuna as pruned); fifo runs every trial to "
         "its end", group="search"))
@@ -132,15 +137,21 @@ class ExperimentSpec:
         "... and the mean clean test ACC lost against the undefended victim is at most this "
         "(percentage points)", group="final evaluation and report", resource=True))
     gpus_per_trial: float | None = field(default=None, metadata=_opt(
-        "GPU share per trial; 0.25 packs four trials per GPU, whole numbers for several GPUs",
-        default_text="0.25 with a local GPU, else 0: CPU trials", group="resources and cluster",
-        resource=True))
+        f"GPU share per trial; {GPU_SHARE:g} packs four trials per GPU, whole numbers for several "
+        "GPUs; 0: CPU trials", default_text=f"{GPU_SHARE:g} if this machine, or with --address the "
+        "joined cluster, has a GPU; else 0, and 0 with --device cpu",
+        group="resources and cluster", resource=True))
     cpus_per_trial: float = field(default=1.0, metadata=_opt(
         "CPU cores per trial; also its torch thread count", group="resources and cluster",
         resource=True))
     address: str | None = field(default=None, metadata=_opt(
         "join a running Ray cluster: 'auto' or HOST:PORT",
         default_text="a local Ray that starts and stops with the run",
+        group="resources and cluster", resource=True))
+    autoscale: bool = field(default=False, metadata=_opt(
+        "the --address cluster autoscales: trials that do not fit yet wait (PENDING) for the "
+        "nodes the autoscaler adds for them, instead of a refusal when none fits now; needs "
+        "--gpus-per-trial (the GPUs may not be there yet to count)",
         group="resources and cluster", resource=True))
     output: Path = field(default=Path("runs"), metadata=_opt(
         "parent folder of run folders", group="output", resource=True))
@@ -174,9 +185,9 @@ class ExperimentSpec:
                              f"{', '.join(REGISTRY)}")
         if self.name is None:
             set_(self, "name", default_name(self.defense, self.zoo.dataset))
-        if self.gpus_per_trial is None:  # four trials per local GPU, else CPU trials
-            local_gpu = self.address is None and self.zoo.device.startswith("cuda")
-            set_(self, "gpus_per_trial", 0.25 if local_gpu else 0.0)
+        if self.gpus_per_trial is None and self.address is None:  # a cluster: once joined
+            local_gpus = 1.0 if self.zoo.device.startswith("cuda") else 0.0
+            set_(self, "gpus_per_trial", default_gpus_per_trial(local_gpus))
         self._check_values()
 
     # -- value checks (no I/O) -------------------------------------------------------------
@@ -230,6 +241,13 @@ class ExperimentSpec:
             object.__setattr__(self, "storage", check_storage(self.storage))
         if self.address is not None:
             check_address(self.address)
+        if self.autoscale and self.address is None:
+            raise UsageError("--autoscale: a local Ray never grows: expected --address of a "
+                             "cluster whose autoscaler adds nodes (KubeRay, `ray up`)")
+        if self.autoscale and self.gpus_per_trial is None:
+            raise UsageError("--autoscale needs --gpus-per-trial: an autoscaling cluster may have "
+                             f"no GPU yet to count when the search starts (expected {GPU_SHARE:g} "
+                             "for GPU trials, 0 for CPU trials)")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -253,8 +271,22 @@ class ExperimentSpec:
 
     @property
     def gpus(self) -> float:
-        """The GPU share of a trial (``gpus_per_trial`` once its default is resolved)."""
+        """The GPU share of a trial (``gpus_per_trial`` once its default is resolved; with
+        ``--address`` that is after joining, :meth:`on_cluster`)."""
         return float(self.gpus_per_trial or 0.0)
+
+    @property
+    def trial_device(self) -> str:
+        """Where a trial computes: ``cuda`` (the GPU Ray assigned it) with a GPU share, else
+        ``cpu``. The driver's own ``--device`` (victims, final evaluation) is ``zoo.device``."""
+        return "cuda" if self.gpus > 0 else "cpu"
+
+    def on_cluster(self, gpus: float) -> ExperimentSpec:
+        """This spec on a joined cluster with ``gpus`` GPUs: ``--gpus-per-trial`` resolved
+        (:func:`default_gpus_per_trial`) where it was left to the cluster, else unchanged."""
+        if self.gpus_per_trial is not None:
+            return self
+        return dataclasses.replace(self, gpus_per_trial=default_gpus_per_trial(gpus))
 
     @property
     def attacks(self) -> tuple[str, ...]:
@@ -285,8 +317,10 @@ class ExperimentSpec:
         check_zoo_dir(self.zoo)
         self.load_space()
         if self.gpus and self.address is None and self.zoo.device == "cpu":
-            raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: no GPU on this machine "
-                             "(expected 0, or --address of a cluster with GPUs)")
+            why = "--device cpu asks for CPU trials" if torch.cuda.is_available() else \
+                "no GPU on this machine"
+            raise UsageError(f"--gpus-per-trial {self.gpus_per_trial}: {why} (expected 0, or "
+                             "--address of a cluster with GPUs)")
         if self.address is None:  # the local Ray gets every core and GPU of this machine
             self._check_local_resources()
         if self.address == "auto":
@@ -389,6 +423,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value) if isinstance(value, Path) else value
+
+
+def default_gpus_per_trial(gpus: float) -> float:
+    """``--gpus-per-trial`` when not given: ``GPU_SHARE`` where trials can have a GPU (``gpus``
+    GPUs: the local machine's, or a joined cluster's), else 0, CPU trials."""
+    return GPU_SHARE if gpus > 0 else 0.0
 
 
 # -- single-value checks --------------------------------------------------------------------
@@ -541,12 +581,27 @@ def check_writable(output: Path) -> None:
 # -- from the command line ------------------------------------------------------------------
 def from_args(args: argparse.Namespace) -> ExperimentSpec:
     """Build and fully check the spec from parsed flags (see tuner.cmd_search)."""
-    spec = flags.build(ExperimentSpec, args, smoke=bool(getattr(args, "smoke_test", False)))
+    spec = flags.build(ExperimentSpec, args, smoke=bool(getattr(args, "smoke_test", False)),
+                       **cpu_trials(args))
     spec = dataclasses.replace(spec, zoo=victims_default(spec.zoo, args))
     if spec.resume and not hasattr(args, "name"):
         raise UsageError("--resume needs --name: the name of the run to continue")
     spec.check_world()
     return with_stored_run(spec) if spec.resume else spec
+
+
+def cpu_trials(args: argparse.Namespace) -> dict[str, Any]:
+    """An explicit ``--device cpu`` means CPU trials, on a cluster too (whose GPUs would
+    otherwise set the default GPU share): ``{"gpus_per_trial": 0.0}``. A GPU share asked beside
+    it on a cluster is a contradiction, refused (locally ``check_world`` refuses it)."""
+    if str(getattr(args, "device", "")).partition(":")[0] != "cpu":
+        return {}
+    gpus = getattr(args, "gpus_per_trial", None)
+    if gpus and getattr(args, "address", None) is not None:
+        raise UsageError(f"--gpus-per-trial {gpus:g} with --device cpu: --device cpu asks for "
+                         "CPU trials; expected --gpus-per-trial 0, or --device auto to let the "
+                         "trials use the cluster's GPUs")
+    return {} if gpus is not None else {"gpus_per_trial": 0.0}
 
 
 def victims_default(zoo: ZooSpec, args: argparse.Namespace) -> ZooSpec:

@@ -36,12 +36,12 @@ from ray.tune.search import Searcher
 from tuner.errors import UsageError
 from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epochs
 from tuner.records import SCORE, TrialRecord, epoch_report
-from tuner.spec import RAY_STATE_HINT, ExperimentSpec, check_reachable
+from tuner.spec import AUTOSCALE_TRIALS, RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "RayMap", "cluster_runtime_env", "max_concurrent", "run_tune", "start_ray",
-           "stop_ray", "trial", "worker_device"]
+__all__ = ["OptunaSearcher", "RayMap", "check_cuda", "cluster_runtime_env", "fitting", "max_concurrent",
+           "on_cluster", "run_tune", "start_ray", "stop_ray", "trial", "worker_device"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -71,14 +71,29 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
                      **meter.read(spec.gpus)})
 
 
+def check_cuda(gpus: float) -> None:
+    """A trial given a GPU share runs on it or fails saying why, never silently on the node's
+    CPU (a worker whose torch is a CPU build, or that sees no GPU driver)."""
+    if torch.cuda.is_available():
+        return
+    node = ray.get_runtime_context().get_node_id()
+    raise RuntimeError(
+        f"trial given {gpus:g} GPU on node {ray.util.get_node_ip_address()} ({node[:12]}), but "
+        f"torch {torch.__version__} there cannot use CUDA (torch.cuda.is_available() is False, "
+        f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): expected a "
+        "CUDA build of torch and a GPU driver on that node, or --gpus-per-trial 0")
+
+
 def worker_device(cpus: float, gpus: float) -> torch.device:
     """Set up this Ray worker for a trial's or a job's resources: its torch threads, and on a
     GPU share its CUDA device, its memory capped to the share. Returns the device."""
     keep_freed_memory()  # once per worker process (a process setting)
     torch.set_num_threads(max(1, int(cpus)))
-    cuda = gpus > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda and gpus < 1:
+    if gpus <= 0:
+        return torch.device("cpu")
+    check_cuda(gpus)  # a GPU share runs on its GPU or fails saying why, never on the CPU
+    device = torch.device("cuda")
+    if gpus < 1:
         torch.cuda.set_per_process_memory_fraction(gpus, device)
     return device
 
@@ -218,16 +233,44 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def max_concurrent(spec: ExperimentSpec) -> int:
-    """How many trials run at once: as many as fit in the cluster, capped by --max-concurrent."""
-    have = ray.cluster_resources()
+def on_cluster(spec: ExperimentSpec) -> ExperimentSpec:
+    """``spec`` with ``--gpus-per-trial`` resolved from the joined cluster's GPUs where it was
+    left to the cluster (``--address`` without it), saying which; else ``spec`` itself."""
+    if spec.gpus_per_trial is not None:
+        return spec
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    resolved = spec.on_cluster(gpus)
+    if resolved.gpus:
+        print(f"the cluster has {gpus:g} GPU(s): each trial gets {resolved.gpus:g} GPU "
+              "(--gpus-per-trial 0 or --device cpu for CPU trials)", flush=True)
+    else:
+        print("the cluster has no GPU: CPU trials (--gpus-per-trial to ask for GPUs, with "
+              "--autoscale if the autoscaler adds them)", flush=True)
+    return resolved
+
+
+def fitting(spec: ExperimentSpec, have: dict[str, float]) -> int:
+    """How many trials of ``spec`` fit in the resources ``have`` (Ray's resource dict)."""
     fit = int(have.get("CPU", 0) / spec.cpus_per_trial + 1e-9)
     if spec.gpus > 0:
         fit = min(fit, int(have.get("GPU", 0) / spec.gpus + 1e-9))
+    return fit
+
+
+def max_concurrent(spec: ExperimentSpec) -> int:
+    """How many trials run at once: as many as fit in the cluster now, capped by
+    --max-concurrent. With --autoscale, --max-concurrent (else what fits now, at least
+    ``AUTOSCALE_TRIALS``): trials beyond what fits wait for the nodes the autoscaler adds."""
+    spec = on_cluster(spec)
+    have = ray.cluster_resources()
+    fit = fitting(spec, have)
+    if spec.autoscale:
+        return spec.max_concurrent or max(fit, AUTOSCALE_TRIALS)
     if fit < 1:
         raise UsageError(f"--cpus-per-trial {spec.cpus_per_trial:g} / --gpus-per-trial "
                          f"{spec.gpus:g}: no trial fits in the cluster "
-                         f"({have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU)")
+                         f"({have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU); if its "
+                         "autoscaler adds nodes, --autoscale lets the trials wait for them")
     return min(fit, spec.max_concurrent) if spec.max_concurrent else fit
 
 
@@ -321,6 +364,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Only the JSON and CSV loggers given below (no TensorBoard writer on the driver).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    spec = on_cluster(spec)
     limit = max_concurrent(spec)
     fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits,
                               epochs_fn=epochs_fn)
@@ -345,6 +389,11 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                        CSVLoggerCallback()]))
     print(f"search: {spec.num_samples} trials of {spec.defense} on {len(victims)} victims, "
           f"up to {limit} at once, {spec.scheduler} (max {max_t} epochs)", flush=True)
+    waiting = min(limit, spec.num_samples) - fitting(spec, ray.cluster_resources()) \
+        if spec.autoscale else 0
+    if waiting > 0:
+        print(f"  --autoscale: {waiting} of them wait (PENDING) for the nodes the autoscaler adds",
+              flush=True)
     tuner.fit()
     # Read the states back from the experiment as saved: in a restored run the in-memory
     # result of a trial finished before the interruption can lack its "done" flag.
