@@ -45,9 +45,11 @@ def test_bad_flag_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
+def test_smoke_search_writes_the_whole_report(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     r = tuner("--defense", "ft", "--smoke-test", "--output", str(tmp_path / "runs"),
-              "--zoo-dir", str(tmp_path / "zoo"), "--name", "smoke", timeout=590, cwd=tmp_path)
+              "--zoo-dir", str(tmp_path / "zoo"), "--name", "smoke", "--mlflow", "mlruns",
+              timeout=590, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "smoke"
     for name in REPORT_FILES:
@@ -79,3 +81,16 @@ def test_smoke_search_writes_the_whole_report(tmp_path: Path) -> None:
     assert console == sorted(rows) == [t.number for t in study.trials] == [0, 1]
     for t in study.trials:
         assert float(rows[t.number]["param_lr"]) == pytest.approx(t.params["lr"])
+    # --mlflow (a path relative to where the search ran): the same trials, one MLflow run each
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads file stores only so
+    client = MlflowClient(tracking_uri=str(tmp_path / "mlruns"))
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment is not None
+    logged = {int(m.data.params["trial_number"]): m for m in
+              client.search_runs([experiment.experiment_id])}
+    assert sorted(logged) == [0, 1]
+    for t in study.trials:
+        assert float(logged[t.number].data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert logged[t.number].data.metrics["score"] == pytest.approx(float(rows[t.number]["score"]))

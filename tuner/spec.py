@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 
 from defenses import REGISTRY
-from tuner import flags
+from tuner import flags, tracking
 from tuner._io import LOCK_NAME, read_json
 from tuner.errors import UsageError
 from tuner.objective import SHORT, Objective
@@ -161,6 +161,17 @@ class ExperimentSpec:
         "or an absolute path; the experiment is STORAGE/NAME, and --resume continues from it. "
         "spec.json, trials.json, study.db and the report stay in OUTPUT/NAME on the driver",
         default_text="OUTPUT/NAME/ray", metavar="URI", group="output"))
+    mlflow: str | None = field(default=None, metadata=_opt(
+        "log every trial's config and per-epoch metrics to MLflow (Ray Tune's "
+        "MLflowLoggerCallback; experiment NAME, one MLflow run per trial): a folder (a file "
+        "store), file:///abs/path, sqlite:///path/mlflow.db or http(s)://HOST:PORT; Tune logs "
+        "from the driver, so only the driver needs to reach it (needs mlflow-skinny)",
+        default_text="off", metavar="TRACKING_URI", group="output"))
+    wandb: str | None = field(default=None, metadata=_opt(
+        "log the same to Weights & Biases project PROJECT, offline (WANDB_MODE=offline: no "
+        "account, no network), the runs under OUTPUT/NAME/wandb; `wandb sync` uploads them "
+        "later (Ray Tune's WandbLoggerCallback; needs wandb)", default_text="off",
+        metavar="PROJECT", group="output"))
     name: str | None = field(default=None, metadata=_opt(
         f"run folder name: letters, digits, '.', '_', '-', at most {MAX_NAME} characters",
         default_text="<defense>-<dataset>-<YYYYmmdd-HHMMSS>", group="output", resource=True))
@@ -248,6 +259,10 @@ class ExperimentSpec:
             raise UsageError("--autoscale needs --gpus-per-trial: an autoscaling cluster may have "
                              f"no GPU yet to count when the search starts (expected {GPU_SHARE:g} "
                              "for GPU trials, 0 for CPU trials)")
+        if self.mlflow is not None:
+            object.__setattr__(self, "mlflow", tracking.check_mlflow_uri(self.mlflow))
+        if self.wandb is not None:
+            object.__setattr__(self, "wandb", tracking.check_wandb_project(self.wandb))
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -327,6 +342,12 @@ class ExperimentSpec:
             check_reachable(resolve_auto_address())
         elif self.address is not None:
             check_reachable(self.address)
+        if self.mlflow is not None:
+            store = tracking.check_mlflow_world(self.mlflow)
+            if store is not None:
+                check_writable(store, flag="--mlflow")
+        if self.wandb is not None:
+            tracking.check_wandb_world(self.wandb)
 
     def _check_local_resources(self) -> None:
         cores = os.cpu_count() or 1
@@ -561,7 +582,7 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
                          "`ray start --head`")
 
 
-def check_writable(output: Path) -> None:
+def check_writable(output: Path, *, flag: str = "--output") -> None:
     """The output folder, or its nearest existing parent, must be a writable folder."""
     probe = output
     while not probe.exists():
@@ -569,12 +590,12 @@ def check_writable(output: Path) -> None:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"--output {str(output)!r}: {str(probe)!r} is not a folder")
+        raise UsageError(f"{flag} {str(output)!r}: {str(probe)!r} is not a folder")
     try:  # try for real: os.access says yes to root even on read-only mounts
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        raise UsageError(f"--output {str(output)!r}: cannot write in {str(probe)!r} "
+        raise UsageError(f"{flag} {str(output)!r}: cannot write in {str(probe)!r} "
                          f"({exc.strerror or exc})") from None
 
 

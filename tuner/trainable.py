@@ -38,10 +38,11 @@ from tuner.evaluation import CostMeter, planned_epochs, seeded_epochs, trial_epo
 from tuner.records import SCORE, TrialRecord, epoch_report
 from tuner.spec import AUTOSCALE_TRIALS, RAY_STATE_HINT, ExperimentSpec, check_reachable
 from tuner.study import AskTell
+from tuner.tracking import local_store
 from zoo.runtime import keep_freed_memory
 
 __all__ = ["OptunaSearcher", "RayMap", "check_cuda", "cluster_runtime_env", "fitting", "max_concurrent",
-           "on_cluster", "run_tune", "start_ray", "stop_ray", "trial", "worker_device"]
+           "on_cluster", "run_tune", "start_ray", "stop_ray", "tracking_callbacks", "trial", "worker_device"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
@@ -332,6 +333,35 @@ class ProgressCallback(tune.Callback):
         self._line(trials, trial, "error")
 
 
+# -- tracking (--mlflow, --wandb) ---------------------------------------------------------------
+def tracking_callbacks(spec: ExperimentSpec) -> list[tune.Callback]:
+    """Ray Tune's own logger callbacks for ``--mlflow`` and ``--wandb``: each trial's config
+    (its parameters and ``trial_number``, Optuna's number) and every epoch's report, at step =
+    epoch. Tune calls them in the driver: an MLflow store or server must be reachable from the
+    driver only. W&B runs offline, one run per trial under ``RUN/wandb``, grouped by NAME."""
+    callbacks: list[tune.Callback] = []
+    tags = {"defense": spec.defense, "objective": spec.objective, "dataset": spec.zoo.dataset,
+            "attacks": ",".join(spec.attacks), "run_dir": str(spec.run_dir)}
+    if spec.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        if local_store(spec.mlflow) is not None and not spec.mlflow.startswith("sqlite:"):
+            # MLflow 3 refuses a file store (in "maintenance mode") unless this opts in;
+            # the user asked for one.
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+        callbacks.append(MLflowLoggerCallback(tracking_uri=spec.mlflow,
+                                              experiment_name=str(spec.name), tags=tags))
+    if spec.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        # Read by Tune before it asks for an API key (none is needed offline) and by wandb.
+        os.environ["WANDB_MODE"] = "offline"
+        callbacks.append(WandbLoggerCallback(
+            project=spec.wandb, group=str(spec.name), mode="offline", dir=str(spec.run_dir),
+            tags=[f"{k}:{v}" for k, v in tags.items() if k != "run_dir"]))
+    return callbacks
+
+
 # -- the run ----------------------------------------------------------------------------------
 def _restore(path: str, local: Path | None, trainable: Any) -> tune.Tuner:
     """Tune's saved experiment, or one line saying it cannot be continued (a damaged searcher
@@ -370,6 +400,8 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
                               epochs_fn=epochs_fn)
     trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
     path = spec.experiment_path  # --storage (a URI Tune's storage layer reaches) or run_dir/ray
+    # Built (and their environment set) on --resume too, where Tune restores its saved copies.
+    tracking = tracking_callbacks(spec)
     if spec.resume:  # tuner.spec.check_ray_state found a local state; can Tune read it?
         tuner = _restore(path, spec.local_experiment_dir, trainable)
         print(f"resuming {path}", flush=True)
@@ -386,7 +418,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
             storage_path=path.rsplit("/", 1)[0], name=path.rsplit("/", 1)[1], verbose=0,
             failure_config=tune.FailureConfig(max_failures=2),
             callbacks=[ProgressCallback(spec.num_samples), JsonLoggerCallback(),
-                       CSVLoggerCallback()]))
+                       CSVLoggerCallback(), *tracking]))
     print(f"search: {spec.num_samples} trials of {spec.defense} on {len(victims)} victims, "
           f"up to {limit} at once, {spec.scheduler} (max {max_t} epochs)", flush=True)
     waiting = min(limit, spec.num_samples) - fitting(spec, ray.cluster_resources()) \
