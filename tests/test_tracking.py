@@ -102,24 +102,32 @@ def test_resume_keeps_the_runs_own_tracking(tmp_path: Path) -> None:
     assert "mlflow" in given.differences(stored)
 
 
-# -- a search logged to MLflow (real Ray) ------------------------------------------------------
-@pytest.mark.ray
-@pytest.mark.timeout(120)
-def test_search_logs_every_trial_to_an_mlflow_file_store(tmp_path: Path) -> None:
+def two_trial_search(spec: Any) -> list[Any]:
+    """``spec``'s search (2 trials of 2 fake epochs) in a local Ray; both must complete."""
     import ray
-    from mlflow.tracking import MlflowClient
-    from test_search_ray import RAY_ARGS, make_spec, run, sleeper
+    from test_search_ray import RAY_ARGS, run, sleeper
 
-    from tuner import trainable
-
-    store = tmp_path / "mlruns"
-    spec = make_spec(tmp_path, num_samples=2, max_epochs=2, mlflow=f"file://{store}")
     ray.init(address="local", num_cpus=2, num_gpus=0, **RAY_ARGS)
     try:
         records = run(spec, sleeper(0.05, epochs=2))
     finally:
         ray.shutdown()
     assert [r.state for r in records] == ["complete", "complete"]
+    return records
+
+
+# -- a search logged to MLflow (real Ray) ------------------------------------------------------
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_search_logs_every_trial_to_an_mlflow_file_store(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+    from test_search_ray import make_spec
+
+    from tuner import trainable
+
+    store = tmp_path / "mlruns"
+    spec = make_spec(tmp_path, num_samples=2, max_epochs=2, mlflow=f"file://{store}")
+    records = two_trial_search(spec)
 
     client = MlflowClient(tracking_uri=f"file://{store}")
     experiment = client.get_experiment_by_name("run")  # the run's --name
@@ -176,20 +184,14 @@ def wandb_records(path: Path) -> list[Any]:
 def test_search_logs_every_trial_to_offline_wandb_runs(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
-    import ray
-    from test_search_ray import RAY_ARGS, make_spec, run, sleeper
+    from test_search_ray import make_spec
 
     from tuner import trainable
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # offline needs no account
     monkeypatch.setenv("WANDB_MODE", "online")  # overridden: --wandb is always offline
     spec = make_spec(tmp_path, num_samples=2, max_epochs=2, wandb="proj")
-    ray.init(address="local", num_cpus=2, num_gpus=0, **RAY_ARGS)
-    try:
-        records = run(spec, sleeper(0.05, epochs=2))
-    finally:
-        ray.shutdown()
-    assert [r.state for r in records] == ["complete", "complete"]
+    records = two_trial_search(spec)
 
     files = sorted((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2, files  # one offline run per trial, under the run folder

@@ -54,7 +54,7 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
           epochs_fn: EpochsFn | None = None) -> None:
     """One configuration on every victim; reports after each epoch. ``epochs_fn`` replaces
     ``tuner.evaluation.trial_epochs`` (tests install failing or slow ones)."""
-    device = worker_device(spec.cpus_per_trial, spec.gpus)
+    device = worker_device(spec)
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
     extra = {"started_at": time.time(), "node": ray.get_runtime_context().get_node_id()}
@@ -85,24 +85,23 @@ def check_cuda(gpus: float) -> None:
         "CUDA build of torch and a GPU driver on that node, or --gpus-per-trial 0")
 
 
-def worker_device(cpus: float, gpus: float) -> torch.device:
+def worker_device(spec: ExperimentSpec) -> torch.device:
     """Set up this Ray worker for a trial's or a job's resources: its torch threads, and on a
-    GPU share its CUDA device, its memory capped to the share. Returns the device."""
+    GPU share its CUDA device (``spec.trial_device``), its memory capped to the share."""
     keep_freed_memory()  # once per worker process (a process setting)
-    torch.set_num_threads(max(1, int(cpus)))
-    if gpus <= 0:
-        return torch.device("cpu")
-    check_cuda(gpus)  # a GPU share runs on its GPU or fails saying why, never on the CPU
-    device = torch.device("cuda")
-    if gpus < 1:
-        torch.cuda.set_per_process_memory_fraction(gpus, device)
+    torch.set_num_threads(max(1, int(spec.cpus_per_trial)))
+    device = torch.device(spec.trial_device)
+    if device.type == "cuda":
+        check_cuda(spec.gpus)  # a GPU share runs on its GPU or fails saying why, never on the CPU
+        if spec.gpus < 1:
+            torch.cuda.set_per_process_memory_fraction(spec.gpus, device)
     return device
 
 
-def _job(fn: Callable[..., Any], cpus: float, gpus: float, *args: Any, **kwargs: Any
+def _job(fn: Callable[..., Any], spec: ExperimentSpec, *args: Any, **kwargs: Any
          ) -> tuple[Any, float]:
     """One job of :class:`RayMap`, in a Ray worker: ``fn``'s result and its CPU seconds."""
-    device = worker_device(cpus, gpus)
+    device = worker_device(spec)
     start = time.process_time()
     out = fn(*args, device=device, **kwargs)
     return out, time.process_time() - start
@@ -117,12 +116,12 @@ class RayMap:
     re-raises here."""
 
     def __init__(self, spec: ExperimentSpec) -> None:
-        self.cpus, self.gpus = spec.cpus_per_trial, spec.gpus
+        self.spec = spec
         self.cpu_seconds = 0.0
 
     def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
                  ) -> Iterator[tuple[int, Any]]:
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_job)
+        task = ray.remote(num_cpus=self.spec.cpus_per_trial, num_gpus=self.spec.gpus)(_job)
         refs: dict[int, Any] = {}
 
         def ref(obj: Any) -> Any:  # Ray resolves object refs given as top-level arguments
@@ -133,7 +132,8 @@ class RayMap:
             return refs[id(obj)]
 
         kwargs = {k: ref(v) for k, v in shared.items()}
-        pending = {task.remote(fn, self.cpus, self.gpus, *map(ref, job), **kwargs): i
+        spec = ref(self.spec)
+        pending = {task.remote(fn, spec, *map(ref, job), **kwargs): i
                    for i, job in enumerate(jobs)}
         try:
             while pending:
