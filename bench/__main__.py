@@ -131,8 +131,9 @@ def bench_overhead(args: argparse.Namespace, device: torch.device) -> dict[str, 
         kw.update(num_samples=min(args.num_samples, 4), attacks=("badnets",), max_epochs=1,
                   final_seeds=1, smoke_test=True)
     out = run_overhead(**kw)
-    print(table(out["runs"], ["victims", "trials", "slots", "wall_seconds", "search_wall_seconds",
-                              "ray_wait_seconds", "trial_seconds_sum", "overhead_share"]))
+    print(table(out["runs"], ["victims", "trials", "slots", "wall_seconds", "victims_seconds",
+                              "search_wall_seconds", "final_seconds", "ray_wait_seconds",
+                              "trial_seconds_sum", "overhead_share"]))
     for r in out["runs"]:
         print(f"Ray overhead, victims {r['victims']}: {100 * r['overhead_share']:.1f}% of the "
               "search's wall time; target <= 10%")

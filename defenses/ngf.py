@@ -99,7 +99,7 @@ from defenses import _engine as E
 from zoo.classifier import Classifier
 from zoo.data import DatasetInfo, Split
 from zoo.loader import DeviceLoader
-from zoo.runtime import Precision, autocast
+from zoo.runtime import Precision, autocast, eval_mode
 
 NAME = "ngf"
 
@@ -255,16 +255,13 @@ def diag_fisher(model: nn.Module, params: Sequence[torch.Tensor], clean: Split,
                 info: DatasetInfo, batch_size: int, device: torch.device) -> list[torch.Tensor]:
     """F_j: squared gradient of the batch-mean log-likelihood, averaged over clean batches
     (model in eval mode: BatchNorm uses, and keeps, its running statistics)."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
     fisher = [torch.zeros_like(p) for p in params]
     loader = DeviceLoader(clean, info, batch_size=batch_size, device=device, train=False)
-    for x, y in loader:
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
-        for f, gr in zip(fisher, grads):
-            f += gr.detach() ** 2
-    for m, mode in zip(model.modules(), modes):
-        m.train(mode)
+    with eval_mode(model):
+        for x, y in loader:
+            grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+            for f, gr in zip(fisher, grads):
+                f += gr.detach() ** 2
     return [f / len(loader) for f in fisher]
 
 

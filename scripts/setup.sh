@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtual environment in .venv with the pinned versions (constraints.txt;
-# torch 2.13.0, whose CPU wheel a CPU machine gets) and this project installed editable.
+# torch 2.14.1 and torchvision 0.29.1, a CUDA build that also runs on the CPU) and this project
+# installed editable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -22,6 +22,7 @@ from bench.overhead import summarize
 from bench.reference import compare
 from bench.scaling import repeat_victims, run_scaling
 from bench.trial import run_ours
+from tuner import evaluation
 from tuner.evaluation import subsample_index, trial_epochs
 from tuner.spec import ExperimentSpec
 from zoo.data import Split, load_splits
@@ -132,6 +133,7 @@ def test_overhead_figures_come_from_the_runs_timing() -> None:
                records=[SimpleNamespace(**r) for r in records], slots=2)
     r = summarize(t, records)
     assert r["trial_seconds_sum"] == 36.0 and r["search_wall_seconds"] == 20.0
+    assert (r["victims_seconds"], r["final_seconds"]) == (2.0, 10.0)
     assert r["overhead_share"] == pytest.approx(0.1)
     assert r["trials_per_hour"] == pytest.approx(720.0)
     assert r["states"] == {"complete": 3, "pruned": 1}
@@ -174,6 +176,52 @@ def test_val_subsample_is_fixed_and_the_last_epoch_uses_full_val() -> None:
     full = list(trial_epochs("ft", {"epochs": 3}, [v], splits, seed=3, device=CPU))
     assert [i["val_images"] for i in full] == [2 * len(splits.val)] * 3
     assert full[-1]["per_attack"] == items[-1]["per_attack"]
+
+
+@pytest.mark.parametrize("defense, params", [
+    ("ft", {"epochs": 4}),  # the whole model in train mode
+    ("ngf", {"epochs": 4, "trainable": "last_block"}),  # the last block trains, the rest is frozen
+])
+def test_scored_epochs_are_the_only_ones_measured_and_training_is_unchanged(
+        monkeypatch: Any, defense: str, params: dict) -> None:
+    splits = load_splits("digits", seed=0)
+    v = FakeVictim("badnets", splits.info, splits.val)
+    every = list(trial_epochs(defense, params, [v], splits, seed=3, device=CPU))
+    measured: list[int] = []
+    real = evaluation._measure
+    monkeypatch.setattr(evaluation, "_measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    rungs = list(trial_epochs(defense, params, [v], splits, seed=3, device=CPU, scored={2}))
+    assert [i["epoch"] for i in rungs] == [2, 4] and len(measured) == 2  # the last always
+    for i in rungs:  # the same model at each scored epoch as when every epoch is measured
+        assert i["per_attack"] == every[i["epoch"] - 1]["per_attack"]
+        assert i["loss"] == pytest.approx(every[i["epoch"] - 1]["loss"])
+
+
+@pytest.mark.parametrize("max_t, planned, scheduler, want", [
+    (10, 10, "asha", {2, 6, 10}), (10, 5, "asha", {2, 5}), (20, 20, "asha", {2, 6, 18, 20}),
+    (4, 4, "asha", {1, 3, 4}), (10, 10, "fifo", {10}), (1, 1, "asha", {1})])
+def test_scored_epochs_hold_every_asha_rung_below_the_last_epoch(max_t: int, planned: int,
+                                                                 scheduler: str, want: set) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tuner import trainable  # imports ray, starts nothing
+    spec = ExperimentSpec(defense="ft", name="n", scheduler=scheduler)
+    assert trainable.scored_epochs(spec, planned, max_t) == want
+    assert trainable.scored_epochs(dataclasses.replace(spec, val_epochs="every"), planned,
+                                   max_t) is None
+    grace = trainable.asha_grace(max_t)
+    if scheduler == "asha" and grace is not None:
+        # Tune's scheduler fed every epoch, and fed the scored epochs only, records the same
+        # epoch's value (value = epoch) at each rung, and stops the trial at the same epoch.
+        def asha_run(epochs: Any) -> tuple[str, list[str]]:
+            sched = ASHAScheduler(time_attr="epoch", metric="s", mode="max", max_t=max_t,
+                                  grace_period=grace, reduction_factor=trainable.REDUCTION_FACTOR)
+            trial = SimpleNamespace(trial_id="t", status="RUNNING", config={})
+            sched.on_trial_add(None, trial)
+            actions = [sched.on_trial_result(None, trial, {"epoch": e, "s": float(e)})
+                       for e in epochs]
+            return sched.debug_string(), [a for a in actions if a != "CONTINUE"]
+        assert asha_run(sorted(want)) == asha_run(range(1, planned + 1))
 
 
 def test_subsample_index() -> None:

@@ -162,61 +162,56 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("exposed", [False, True], ids=["loopback", "all-interfaces-on-purpose"])
-def test_local_search_listens_on_loopback_only(tmp_path: Path, smoke_zoo: Path,
-                                               exposed: bool) -> None:
+def test_local_search_listens_on_loopback_only_and_dies_with_its_driver(tmp_path: Path,
+                                                                        smoke_zoo: Path) -> None:
     """Every listening socket of the search's processes (driver, GCS, raylet, workers, runtime
-    env agent), mid-search, from /proc/net/tcp{,6}; with Ray left to choose (on purpose) some
-    listen beyond loopback, which the check sees, and the search says so."""
+    env agent), mid-search, from /proc/net/tcp{,6}, is on loopback. Then ``kill -9`` on the
+    driver: within seconds no process of its Ray session is left (before issue 19 the dashboard
+    and runtime env agents stayed about 60 s)."""
     log = tmp_path / "log.txt"
-    proc = _search(tmp_path, smoke_zoo, log, exposed=exposed)
+    proc = _search(tmp_path, smoke_zoo, log)
+    procs: list[_procs.Proc] = []
     try:
         _wait_for_trials(proc, log, 2)
         procs = _procs.tree(proc.pid)
         found = _procs.listeners([pid for pid, _ in procs])
         names = {pid: _procs.cmdline(pid) for pid, _ in procs}
-    finally:
-        _stop(proc)
-    listed = "\n".join(f"{addr}:{port} {names[pid][:60]}" for pid, addr, port in found)
-    outside = [(pid, addr) for pid, addr, _ in found if not _procs.is_loopback(addr)]
-    if exposed:
-        assert outside, listed
-        assert "warning: the local Ray listens on all interfaces" in log.read_text()
-        return
-    kinds = {"driver": proc.pid, "gcs": "gcs_server", "raylet": "/raylet ",
-             "runtime env agent": "ray::RuntimeEnvAgent", "trial": "ray::ImplicitFunc"}
-    listening = {k: any(pid == w if isinstance(w, int) else w in names[pid] for pid, *_ in found)
-                 for k, w in kinds.items()}
-    assert all(listening.values()), (listening, listed)
-    assert outside == [], listed
-    assert "listens on all interfaces" not in log.read_text()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_killed_driver_leaves_no_ray_process(tmp_path: Path, smoke_zoo: Path) -> None:
-    """``kill -9`` on a driver mid-search: within seconds no process of its Ray session is left
-    (before issue 19 the dashboard and runtime env agents stayed about 60 s)."""
-    log = tmp_path / "log.txt"
-    proc = _search(tmp_path, smoke_zoo, log)
-    procs: list[_procs.Proc] = []
-    try:
-        _wait_for_trials(proc, log, 1)
-        procs = _procs.tree(proc.pid)
-        names = " ".join(_procs.cmdline(pid) for pid, _ in procs)
-        session = re.search(r"(/\S*?/session_[^/\s]+)", names)
-        assert session and "ray::DashboardAgent" in names, names
+        session = re.search(r"(/\S*?/session_[^/\s]+)", " ".join(names.values()))
+        assert session and any("ray::DashboardAgent" in n for n in names.values()), names
         proc.kill()  # SIGKILL: nothing of the driver runs any more
         proc.wait()
         took = _procs.wait_until(lambda: not any(map(_procs.alive, procs))
                                  and not _procs.holding(session[1]), 20)
         left = [_procs.cmdline(p[0])[:60] for p in procs if _procs.alive(p)]
-        assert took is not None, f"still there 20 s after kill -9: {left}"
     finally:
         for p in procs:  # whatever this test's driver left
             if _procs.alive(p):
                 os.kill(p[0], signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+    listed = "\n".join(f"{addr}:{port} {names[pid][:60]}" for pid, addr, port in found)
+    kinds = {"driver": proc.pid, "gcs": "gcs_server", "raylet": "/raylet ",
+             "runtime env agent": "ray::RuntimeEnvAgent", "trial": "ray::ImplicitFunc"}
+    listening = {k: any(pid == w if isinstance(w, int) else w in names[pid] for pid, *_ in found)
+                 for k, w in kinds.items()}
+    assert all(listening.values()), (listening, listed)
+    assert [(pid, addr) for pid, addr, _ in found if not _procs.is_loopback(addr)] == [], listed
+    assert "listens on all interfaces" not in log.read_text()
+    assert took is not None, f"still there 20 s after kill -9: {left}"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_local_ray_left_on_all_interfaces_is_seen_and_said(tmp_path: Path,
+                                                             smoke_zoo: Path) -> None:
+    """The check above, against the search with Ray left to choose its address (on purpose, as
+    before issue 19): some of its processes listen beyond loopback, and the search says so."""
+    log = tmp_path / "log.txt"
+    proc = _search(tmp_path, smoke_zoo, log, exposed=True)
+    try:
+        _wait_for_trials(proc, log, 1)
+        found = _procs.listeners([pid for pid, _ in _procs.tree(proc.pid)])
+    finally:
+        _stop(proc)
+    assert [addr for _, addr, _ in found if not _procs.is_loopback(addr)], found
+    assert "warning: the local Ray listens on all interfaces" in log.read_text()

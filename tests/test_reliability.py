@@ -240,10 +240,10 @@ class _Driver:
         self.reader.join(timeout=10)
 
 
-def _finished_before(run: Path, moment: float) -> dict[str, float]:
+def _finished_before(experiment: Path, moment: float) -> dict[str, float]:
     """trial_id -> started_at for trials whose last saved result says finished before moment."""
     out = {}
-    for result in (run / "ray").glob("*/result.json"):
+    for result in experiment.glob("*/result.json"):
         rows = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
         if rows and rows[-1].get("finished") and rows[-1]["timestamp"] < moment:
             out[rows[-1]["trial_id"]] = rows[-1]["started_at"]
@@ -252,31 +252,47 @@ def _finished_before(run: Path, moment: float) -> dict[str, float]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(420)
-def test_sigint_then_sigkill_then_resume_runs_each_trial_once(tmp_path: Path,
-                                                              smoke_zoo: Path) -> None:
-    out = tmp_path / "runs"
-    base = ("--defense", "ft", "--output", str(out), "--name", "kill", "--zoo-dir", str(smoke_zoo))
-    slow = {"FAULT": "slow"}
-    # Ctrl-C: a clean stop that prints the command that resumes.
-    first = _Driver(*base, "--smoke-test", "--num-samples", "5", "--max-concurrent", "1", **slow)
-    first.wait_for("done (  1/5)", timeout=150)
-    first.proc.send_signal(signal.SIGINT)
-    assert first.proc.wait(timeout=60) == 130
-    first.end_group()
-    text = "".join(first.lines)
-    assert "continue it with:" in text and "--name kill --resume" in text, text[-2000:]
-    # SIGKILL of the driver after one more trial finished.
-    second = _Driver(*base, "--resume", "--max-concurrent", "1", **slow)
-    second.wait_for("resuming", timeout=120)
-    second.wait_for("trial ", timeout=120)
-    time.sleep(3.0)  # the experiment state is saved every second
-    killed_at = time.time()
-    os.kill(second.proc.pid, signal.SIGKILL)
-    second.end_group()
-    done = _finished_before(out / "kill", killed_at - 2.0)
-    assert 2 <= len(done) < 5, done
-    # --resume: the rest run, the finished ones do not run again, each counted once.
-    r = _tuner(*base, "--resume", timeout=240)
+def test_sigint_then_sigkill_then_resume_on_a_two_node_cluster_from_storage(
+        tmp_path: Path, smoke_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drivers joined to a two-node cluster (``--address``) keep Tune's experiment in
+    ``--storage file:///...``: Ctrl-C, then ``kill -9`` mid-search, then ``--resume`` from that
+    storage runs each trial once."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("FAULT", "slow")  # the nodes' workers run the trials' epoch function
+    out, store = tmp_path / "runs", tmp_path / "store"
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 80 * 1024 * 1024, "include_dashboard": False})
+    cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+    try:
+        cluster.wait_for_nodes()
+        base = ("--defense", "ft", "--output", str(out), "--name", "kill", "--zoo-dir",
+                str(smoke_zoo), "--address", cluster.address, "--max-concurrent", "1")
+        # Ctrl-C: a clean stop that prints the command that resumes.
+        first = _Driver(*base, "--smoke-test", "--num-samples", "5", "--storage",
+                        f"file://{store}")
+        first.wait_for("done (  1/5)", timeout=150)
+        first.proc.send_signal(signal.SIGINT)
+        assert first.proc.wait(timeout=60) == 130
+        first.end_group()
+        text = "".join(first.lines)
+        assert "continue it with:" in text and "--name kill --resume" in text, text[-2000:]
+        assert list((store / "kill").glob("experiment_state*.json")), "not in --storage"
+        assert not (out / "kill" / "ray").exists()
+        # SIGKILL of the driver after one more trial finished.
+        second = _Driver(*base, "--resume")
+        second.wait_for("resuming", timeout=120)
+        second.wait_for(" done (", timeout=120)  # a trial finished in this driver
+        time.sleep(3.0)  # the experiment state is saved every second
+        killed_at = time.time()
+        os.kill(second.proc.pid, signal.SIGKILL)
+        second.end_group()
+        done = _finished_before(store / "kill", killed_at - 2.0)
+        assert 2 <= len(done) < 5, done
+        # --resume: the rest run, the finished ones do not run again, each counted once.
+        r = _tuner(*base, "--resume", timeout=240)
+    finally:
+        cluster.shutdown()
     assert r.returncode == 0, r.stderr[-3000:]
     trials = json.loads((out / "kill" / "trials.json").read_text())
     assert len(trials) == 5 and len({t["trial_id"] for t in trials}) == 5

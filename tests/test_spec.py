@@ -126,6 +126,10 @@ def test_json_round_trip_and_paths_made_absolute(tmp_path: Path) -> None:
     assert ExperimentSpec.from_dict(data) == spec
     with pytest.raises(UsageError, match="unknown field"):
         ExperimentSpec.from_dict({**data, "bogus": 1})
+    # a run stored before --val-epochs scored every epoch, and resumes doing so
+    assert spec.val_epochs == "rungs"
+    old = {k: v for k, v in data.items() if k != "val_epochs"}
+    assert ExperimentSpec.from_dict(old).val_epochs == "every"
 
 
 def test_frozen_and_whole_gpus_accepted() -> None:

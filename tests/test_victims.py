@@ -42,6 +42,25 @@ def test_build_then_load_from_store(tmp_path, splits) -> None:
     assert torch.equal(second[0].bd_test.x, bad.bd_test.x)
 
 
+def test_one_key_one_set_of_weights_whatever_the_callers_thread_count(tmp_path, splits) -> None:
+    """A Ray task builds with --cpus-per-trial threads, ``zoo`` with the machine's: the stored
+    weights must not depend on it (a CPU sum's order does), and the caller's count is kept."""
+    spec = dataclasses.replace(_spec(tmp_path), recipe=Recipe(epochs=2, batch_size=64, lr=0.05))
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            store = dataclasses.replace(spec, zoo_dir=tmp_path / f"zoo{threads}")
+            (v,) = get_victims(store, ["badnets"], splits=splits, device="cpu", progress=False)
+            assert v.built and torch.get_num_threads() == threads
+            states.append(v.state_dict)
+    finally:
+        torch.set_num_threads(before)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_key_depends_on_recipe_rate_and_seed(tmp_path, splits) -> None:
     attack = make_attack("badnets", splits.info)
     base = victim_description(_spec(tmp_path), attack)

@@ -2,7 +2,7 @@
 
 - :func:`trial_epochs` drives a search trial: one model and one defense generator per victim,
   advanced one epoch at a time in turn (victims interleaved), each model evaluated on the
-  validation split after every epoch.
+  validation split after every scored epoch (in a search, ASHA's rungs and the last).
 - :func:`seeded_epochs` runs a trial's configuration with several seeds (``--trial-seeds``):
   each seed draws its own clean subset and orders training with its own seed; each epoch
   yields the metrics averaged over the seeds, with each seed's under ``"seeds"``.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -124,16 +124,19 @@ def _val_sets(victims: Sequence[Victim], splits: Splits, device: torch.device, k
 def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequence[Victim],
                  splits: Splits, *, seed: int, device: torch.device | str,
                  max_epochs: int | None = None,
-                 val_subsample: int | None = None,
+                 val_subsample: int | None = None, scored: Container[int] | None = None,
                  precision: Precision = "auto", retune: bool = False
                  ) -> Iterator[dict[str, Any]]:
-    """Yield, after every epoch, the per-attack metrics on val.
+    """Yield the per-attack metrics on val after every scored epoch.
 
     Each item: ``{"epoch": int (1-based), "per_attack": {attack: {acc, asr, ra, der}},
     "diverged": bool (any victim diverged so far), "diverged_attacks": [...], "loss": mean
     training loss of the last epoch over the victims still running (None if none),
     "val_images": clean + triggered val images measured per victim this epoch}``.
     Stops when every generator has finished, or when every victim has diverged.
+    ``scored``: the epochs measured on val (``None``: every epoch), ASHA's rungs in a search
+    (``--val-epochs rungs``); the others are trained and not yielded. The last epoch a victim
+    trains is always measured.
     ``val_subsample=n``: epochs before the last planned one use a fixed, seeded subset of ``n``
     clean and ``n`` triggered val images (see the module docstring); the last uses all of val.
     ``retune``: at a victim's last planned epoch, also its ASR on val after a re-tuning attack
@@ -146,12 +149,30 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
     full, sub = _val_sets(victims, splits, device, val_subsample, seed)
     state: dict[str, str] = {a: "running" for a in runs}  # running | done | diverged
     last: dict[str, dict[str, float]] = {}
+    unscored: set[str] = set()  # trained since their last measurement
+
+    def measure(attack: str, epoch: int) -> None:
+        model, v = runs[attack][0], by_attack[attack]
+        clean, triggered = (full if epoch >= cfg.epochs else sub)[attack]
+        last[attack] = _measure(model, v, clean, triggered, v.info, "val", device, precision)
+        if retune and epoch >= cfg.epochs and v.attack_obj is not None and v.poison_rate is not None:
+            last[attack]["ra_asr"] = retuning_attack(
+                model, v.attack_obj, splits, poison_rate=v.poison_rate, seed=seed,
+                device=device, clean=clean, triggered=triggered, precision=precision).asr
+        unscored.discard(attack)
+
+    def item(epoch: int, losses: Sequence[float]) -> dict[str, Any]:
+        out = _item(epoch, runs, last, state, losses)
+        val = full if epoch >= cfg.epochs else sub
+        out["val_images"] = sum(len(c) + len(t) for c, t in val.values()) // max(1, len(val))
+        return out
+
     epoch = 0
+    losses: list[float] = []  # of the last epoch trained
     while True:
         epoch += 1
-        advanced, losses = False, []
-        val = full if epoch >= cfg.epochs else sub
-        for attack, (model, gen) in runs.items():
+        advanced, losses_now = False, []
+        for attack, (_, gen) in runs.items():
             if state[attack] != "running":
                 continue
             result = next(gen, None)
@@ -161,21 +182,23 @@ def trial_epochs(defense: str, params: Mapping[str, Any] | None, victims: Sequen
             advanced = True
             if result.diverged:
                 state[attack], last[attack] = "diverged", dict(DIVERGED_METRICS)
+                unscored.discard(attack)
                 continue
-            losses.append(float(result.loss))
-            v = by_attack[attack]
-            clean, triggered = val[attack]
-            last[attack] = _measure(model, v, clean, triggered, v.info, "val", device, precision)
-            if retune and epoch >= cfg.epochs and v.attack_obj is not None and v.poison_rate is not None:
-                last[attack]["ra_asr"] = retuning_attack(
-                    model, v.attack_obj, splits, poison_rate=v.poison_rate, seed=seed,
-                    device=device, clean=clean, triggered=triggered, precision=precision).asr
-        if not advanced:
+            losses_now.append(float(result.loss))
+            unscored.add(attack)
+        if not advanced:  # a run that ended before its planned last epoch is measured as it is
+            if unscored:
+                for attack in sorted(unscored):
+                    measure(attack, epoch - 1)
+                yield item(epoch - 1, losses)
             return
-        item = _item(epoch, runs, last, state, losses)
-        item["val_images"] = sum(len(c) + len(t) for c, t in val.values()) // max(1, len(val))
-        yield item
-        if all(s == "diverged" for s in state.values()):
+        losses = losses_now
+        ended = all(s == "diverged" for s in state.values())
+        if scored is None or epoch >= cfg.epochs or epoch in scored or ended:
+            for attack in sorted(unscored):
+                measure(attack, epoch)
+            yield item(epoch, losses)
+        if ended:
             return
 
 

@@ -45,6 +45,7 @@ __all__ = ["ExperimentSpec", "check_storage", "check_writable", "cpu_trials", "d
            "default_name", "from_args", "victims_default"]
 
 Scheduler = Literal["asha", "fifo"]
+ValEpochs = Literal["rungs", "every"]
 # The smoke-test victims train this many epochs (stored apart from the real ones): enough to
 # plant a backdoor on digits, and the build no longer dominates a CI run.
 SMOKE_VICTIM_EPOCHS = 5
@@ -106,6 +107,11 @@ class ExperimentSpec:
         "score a trial's epochs before its last on a fixed, seeded subset of N clean and N "
         "triggered val images per attack (cheaper early ASHA rungs); the last epoch always "
         "uses all of val", default_text="all of val every epoch", metavar="N", group="search"))
+    val_epochs: ValEpochs = field(default="rungs", metadata=_opt(
+        "when a trial is scored on val: rungs = at ASHA's rungs and its last epoch (all the "
+        "scheduler and Optuna read; with fifo the last epoch only), every = after every epoch "
+        "(a learning curve in trials.json and --mlflow/--wandb, for more inference)",
+        group="search"))
     trial_seeds: int = field(default=1, metadata=_opt(
         "seeds per trial: each configuration runs with seeds seed..seed+K-1 (each draws its own "
         "clean subset, as --seed would, and orders training with it) and reports the mean "
@@ -329,6 +335,9 @@ class ExperimentSpec:
         """Check what needs the disk, other modules or the network; raises UsageError."""
         check_writable(self.output)
         self._check_run_dir()
+        local = self.local_experiment_dir
+        if self.resume and local is not None:  # remote storage: Tune says what it cannot read
+            check_ray_state(local)
         check_zoo_dir(self.zoo)
         self.load_space()
         if self.gpus and self.address is None and self.zoo.device == "cpu":
@@ -374,9 +383,6 @@ class ExperimentSpec:
             if not (run / "spec.json").is_file():
                 raise UsageError(f"--resume: no run to continue at {run} "
                                  "(expected the --output and --name of an earlier search)")
-            local = self.local_experiment_dir
-            if local is not None:  # remote storage: Tune itself says what it cannot read
-                check_ray_state(local)
         elif run.exists() and any(p.name != LOCK_NAME for p in run.iterdir()):
             raise UsageError(f"run folder {run} already exists: pass --resume to continue it "
                              "or choose another --name")
@@ -399,6 +405,7 @@ class ExperimentSpec:
         if not isinstance(data, dict) or not isinstance(data.get("zoo"), dict):
             raise UsageError(f"{where}: expected an object with a 'zoo' object")
         body = {k: v for k, v in data.items() if k != "provenance"}
+        body.setdefault("val_epochs", "every")  # what runs stored before --val-epochs did
         _check_keys(where, body, cls)
         zoo = dict(body.pop("zoo"))
         _check_keys(f"{where}: zoo", zoo, ZooSpec)
@@ -607,8 +614,11 @@ def from_args(args: argparse.Namespace) -> ExperimentSpec:
     spec = dataclasses.replace(spec, zoo=victims_default(spec.zoo, args))
     if spec.resume and not hasattr(args, "name"):
         raise UsageError("--resume needs --name: the name of the run to continue")
+    if spec.resume:  # checked as it will run: the stored --storage holds Tune's state
+        spec.check_run_dir()
+        spec = with_stored_run(spec)
     spec.check_world()
-    return with_stored_run(spec) if spec.resume else spec
+    return spec
 
 
 def cpu_trials(args: argparse.Namespace) -> dict[str, Any]:

@@ -41,19 +41,22 @@ from tuner.study import AskTell
 from tuner.tracking import local_store
 from zoo.runtime import keep_freed_memory
 
-__all__ = ["OptunaSearcher", "RayMap", "check_cuda", "cluster_runtime_env", "fitting", "max_concurrent",
-           "on_cluster", "run_tune", "start_ray", "stop_ray", "tracking_callbacks", "trial", "worker_device"]
+__all__ = ["OptunaSearcher", "RayMap", "asha_grace", "check_cuda", "cluster_runtime_env", "fitting",
+           "max_concurrent", "on_cluster", "run_tune", "scored_epochs", "start_ray", "stop_ray",
+           "tracking_callbacks", "trial", "worker_device"]
 
 NUMBER = "trial_number"  # config key carrying Optuna's trial number into the trial
 OBJECT_STORE_CAP = 1 << 30  # bytes; victims and splits of one run are far smaller
 JOIN_TIMEOUT_S = 10.0
+REDUCTION_FACTOR = 3  # ASHA's: a third of a rung's trials go on to the next
 EpochsFn = Callable[..., Iterator[dict[str, Any]]]
 
 
 def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], splits: Any,
-          epochs_fn: EpochsFn | None = None) -> None:
-    """One configuration on every victim; reports after each epoch. ``epochs_fn`` replaces
-    ``tuner.evaluation.trial_epochs`` (tests install failing or slow ones)."""
+          max_t: int | None = None, epochs_fn: EpochsFn | None = None) -> None:
+    """One configuration on every victim; reports after each scored epoch (:func:`scored_epochs`
+    of the search's ``max_t``). ``epochs_fn`` replaces ``tuner.evaluation.trial_epochs`` (tests
+    install failing or slow ones)."""
     device = worker_device(spec)
     params = {k: v for k, v in config.items() if k != NUMBER}
     planned = planned_epochs(spec.defense, params, spec.zoo.dataset, spec.max_epochs)
@@ -67,9 +70,32 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
             epochs_fn or trial_epochs, spec.defense, params, victims, splits, seeds=seeds,
             clean_ratio=spec.zoo.clean_ratio, device=device, max_epochs=spec.max_epochs,
             val_subsample=spec.val_subsample, precision=spec.zoo.precision,
+            scored=scored_epochs(spec, planned, max_t or planned),
             retune=spec.objective == "robust"):
         tune.report({**epoch_report(item, spec.objective, planned, reference), **extra,
                      **meter.read(spec.gpus)})
+
+
+def asha_grace(max_t: int) -> int | None:
+    """ASHA's first rung (grace period) for a search of ``max_t`` epochs; None where the
+    search runs FIFO (``--scheduler fifo``, or a single epoch)."""
+    return None if max_t < 2 else 1 if max_t < 6 else 2
+
+
+def scored_epochs(spec: ExperimentSpec, planned: int, max_t: int) -> frozenset[int] | None:
+    """The epochs a trial of ``planned`` epochs is scored on val at (``--val-epochs``): None
+    (every epoch), or each ASHA rung below ``planned`` (grace period times a power of the
+    reduction factor: a superset of the rungs Tune's scheduler keeps) and ``planned`` itself.
+    ASHA decides at its rungs and Optuna reads the last result, so both see what they would
+    with every epoch scored."""
+    if spec.val_epochs == "every":
+        return None
+    grace = asha_grace(max_t) if spec.scheduler == "asha" else None
+    rungs = set()
+    while grace is not None and grace < planned:
+        rungs.add(grace)
+        grace *= REDUCTION_FACTOR
+    return frozenset({*rungs, planned})
 
 
 def check_cuda(gpus: float) -> None:
@@ -396,7 +422,7 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     spec = on_cluster(spec)
     limit = max_concurrent(spec)
-    fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits,
+    fn = tune.with_parameters(trial, spec=spec, victims=victims, splits=splits, max_t=max_t,
                               epochs_fn=epochs_fn)
     trainable = tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus})
     path = spec.experiment_path  # --storage (a URI Tune's storage layer reaches) or run_dir/ray
@@ -406,9 +432,10 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
         tuner = _restore(path, spec.local_experiment_dir, trainable)
         print(f"resuming {path}", flush=True)
     else:
-        scheduler = FIFOScheduler() if spec.scheduler == "fifo" or max_t < 2 else ASHAScheduler(
-            time_attr="training_iteration", metric=SCORE, mode="max", max_t=max_t,
-            grace_period=1 if max_t < 6 else 2, reduction_factor=3)
+        grace = asha_grace(max_t)  # time_attr "epoch": a trial reports its scored epochs only
+        scheduler = FIFOScheduler() if spec.scheduler == "fifo" or grace is None else ASHAScheduler(
+            time_attr="epoch", metric=SCORE, mode="max", max_t=max_t, grace_period=grace,
+            reduction_factor=REDUCTION_FACTOR)
         searcher = OptunaSearcher(AskTell(space.distributions, spec.objective, space.default,
                                           sampler, max_acc_drop=spec.max_acc_drop), metric=SCORE)
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(

@@ -15,7 +15,7 @@ import torch
 
 from zoo.data import DatasetInfo, Split
 from zoo.loader import normalize
-from zoo.runtime import Precision, autocast, eval_batch_size, to_device_layout
+from zoo.runtime import Precision, autocast, eval_batch_size, eval_mode, to_device_layout
 
 __all__ = ["Metrics", "der", "evaluate", "predict"]
 
@@ -43,15 +43,13 @@ def predict(
     """Predicted labels for uint8 images ``x``, in batches of ``batch_size`` (None: the
     device's :func:`zoo.runtime.eval_batch_size`), on ``device``."""
     batch_size = batch_size or eval_batch_size(torch.device(device))
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i : i + batch_size].to(device, non_blocking=True), info)
-        xb = to_device_layout(xb)
-        with autocast(device, precision):
-            out.append(model(xb).argmax(1))
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb = normalize(x[i : i + batch_size].to(device, non_blocking=True), info)
+            xb = to_device_layout(xb)
+            with autocast(device, precision):
+                out.append(model(xb).argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
 

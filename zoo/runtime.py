@@ -26,9 +26,10 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["PRECISIONS", "JobMap", "Precision", "SerialMap", "autocast", "cpu_has_native_bf16", "eval_batch_size",
-           "cuda_has_native_bf16", "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision",
-           "seed_everything", "to_device_layout", "use_bf16"]
+__all__ = ["BUILD_THREADS", "PRECISIONS", "JobMap", "Precision", "SerialMap", "autocast",
+           "cpu_has_native_bf16", "cuda_has_native_bf16", "eval_batch_size", "eval_mode", "keep_freed_memory",
+           "pick_device", "prepare_model", "reproducible_precision", "seed_everything",
+           "stored_work_threads", "to_device_layout", "use_bf16"]
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
@@ -94,6 +95,42 @@ def reproducible_precision(device: torch.device, precision: Precision = "auto") 
     """``precision`` for work whose result is stored and must not depend on the CPU's bf16
     support (victims, attack artefacts): "auto" becomes fp32 on CPU; CUDA keeps "auto"."""
     return "fp32" if precision == "auto" and device.type == "cpu" else precision
+
+
+BUILD_THREADS = 1  # intra-op threads of stored work on the CPU (see stored_work_threads)
+
+
+@contextlib.contextmanager
+def stored_work_threads(device: torch.device) -> Iterator[None]:
+    """Run stored work (a victim's build) on the CPU with ``BUILD_THREADS`` torch threads, then
+    restore the count. A CPU matmul or convolution sums in an order set by its thread count, and
+    training carries the difference on: measured, the same digits victim built with 1 and 2
+    threads had different weights. Fixed, the weights depend on the key alone, whether the
+    driver (``zoo``), a Ray task (``--cpus-per-trial`` threads) or another machine builds it."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode, then each module back in its own mode. A defense that trains a
+    part (the head, the last block) keeps the rest in eval mode: ``model.train(was_training)``
+    would put every module in one mode, so a measurement between epochs would change how the
+    next epoch trains (the trained part's BatchNorm frozen, or the frozen part's updating)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.train(mode)
 
 
 @contextlib.contextmanager

@@ -108,7 +108,7 @@ from zoo.config import ConfigError, build_config
 from zoo.data import DatasetInfo, Split, Splits
 from zoo.loader import augment, normalize
 from zoo.metrics import Metrics, evaluate
-from zoo.runtime import Precision, autocast, eval_batch_size, to_device_layout
+from zoo.runtime import Precision, autocast, eval_batch_size, eval_mode, to_device_layout
 from zoo.victims import Victim
 
 __all__ = [
@@ -310,16 +310,14 @@ def loss_scores(model: nn.Module, split: Split, info: DatasetInfo, *, device: to
     """
     dev = torch.device(device)
     batch_size = batch_size or eval_batch_size(dev)
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(split), batch_size):
-        x = to_device_layout(normalize(split.x[i : i + batch_size].to(dev), info))
-        with autocast(dev, precision):
-            logits = model(x)
-        y = split.y[i : i + batch_size].to(dev)
-        out.append(-F.cross_entropy(logits.double(), y, reduction="none").cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(split), batch_size):
+            x = to_device_layout(normalize(split.x[i : i + batch_size].to(dev), info))
+            with autocast(dev, precision):
+                logits = model(x)
+            y = split.y[i : i + batch_size].to(dev)
+            out.append(-F.cross_entropy(logits.double(), y, reduction="none").cpu())
     return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
 
 

@@ -66,6 +66,7 @@ from zoo.runtime import (
     pick_device,
     prepare_model,
     reproducible_precision,
+    stored_work_threads,
 )
 from zoo.store import Entry, Store
 from zoo.train import Recipe, default_recipe, train_victim
@@ -402,7 +403,15 @@ def build_victim(spec: ZooSpec, attack: Attack, *, splits: Splits, device: torch
                  ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Train one victim on ``device``: its tensor groups and meta, what the store keeps. A job
     of :func:`get_victims` (here or in a Ray task); ``clean`` is the clean model's weights, for
-    an attack whose trigger derives from it."""
+    an attack whose trigger derives from it. On the CPU with ``BUILD_THREADS`` torch threads,
+    whoever runs it (:func:`zoo.runtime.stored_work_threads`): one key, one set of weights."""
+    with stored_work_threads(device):
+        return _build(spec, attack, splits=splits, device=device, clean=clean, progress=progress)
+
+
+def _build(spec: ZooSpec, attack: Attack, *, splits: Splits, device: torch.device,
+           clean: dict[str, torch.Tensor] | None, progress: bool
+           ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     def clean_model() -> Classifier:
         if clean is None:
             raise ValueError(f"{attack.name}: needs the clean model's weights")
@@ -435,6 +444,7 @@ def build_victim(spec: ZooSpec, attack: Attack, *, splits: Splits, device: torch
         "poison_rate": rate,
         "recipe": asdict(recipe),
         "metrics": metrics,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "train_seconds": train_s,
         "prepare_seconds": prepare_s,
         "seconds": time.perf_counter() - start,
