@@ -251,7 +251,7 @@ def _finished_before(experiment: Path, moment: float) -> dict[str, float]:
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_sigint_then_sigkill_then_resume_on_a_two_node_cluster_from_storage(
         tmp_path: Path, smoke_zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drivers joined to a two-node cluster (``--address``) keep Tune's experiment in
@@ -281,7 +281,7 @@ def test_sigint_then_sigkill_then_resume_on_a_two_node_cluster_from_storage(
         assert not (out / "kill" / "ray").exists()
         # SIGKILL of the driver after one more trial finished.
         second = _Driver(*base, "--resume")
-        second.wait_for("resuming", timeout=120)
+        second.wait_for("resuming", timeout=300)  # after the default's evaluation
         second.wait_for(" done (", timeout=120)  # a trial finished in this driver
         time.sleep(3.0)  # the experiment state is saved every second
         killed_at = time.time()

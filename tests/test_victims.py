@@ -128,6 +128,18 @@ def test_wanet_trains_longer_on_digits_and_its_key_says_so(splits) -> None:
     assert ZooSpec("digits", recipe=mine).training_recipe("wanet") == mine
 
 
+def test_inputaware_on_digits_trains_longer_with_fewer_cross_samples(splits) -> None:
+    spec = ZooSpec("digits")
+    assert spec.training_recipe("inputaware").epochs == 120
+    assert spec.attack_params_for("inputaware") == {"cross_ratio": 0.5}
+    attack = make_attack("inputaware", splits.info, **spec.attack_params_for("inputaware"))
+    desc = victim_description(spec, attack)
+    assert desc["recipe"]["epochs"] == 120 and desc["attack_params"]["cross_ratio"] == 0.5
+    cifar = ZooSpec("cifar10", data_root=".")
+    assert cifar.attack_params_for("inputaware") == {}
+    assert cifar.training_recipe("inputaware") == cifar.training_recipe("badnets")
+
+
 def test_progress_prints_a_line_every_few_epochs_when_not_a_tty(capsys) -> None:
     import sys
 

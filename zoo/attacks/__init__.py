@@ -45,6 +45,7 @@ DATASET_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "digits": {
         "sig": {"poison_rate": 0.08, "test_delta": 80.0},
         "lc": {"poison_rate": 0.08, "eps": 0.3, "at_eps": 32 / 255, "patch": 4},
+        "inputaware": {"cross_ratio": 0.5},
     },
 }
 

@@ -26,6 +26,13 @@ training uses the float, un-truncated mix. The classifier's lr schedule is the z
 (BackdoorBench: constant 0.01 over 100 epochs), and its batches get the dataset's standard
 crop/flip before poisoning, as the original's train transform. The joint loop runs at the zoo's
 victim precision (fp32 on a CPU), so a build does not depend on the CPU's bf16 support.
+On digits (1,078 training images of 16x16) the zoo trains 120 epochs with cross ratio 0.5
+(``zoo.train``, ``zoo.attacks.DATASET_DEFAULTS``): with the original's equal numbers of cross and
+backdoor images and the digits recipe's 50 epochs the backdoor half-implanted, by split seed
+(test ASR 88, 88, 70, 83, 78 for seeds 0-4; 72 for seed 2 at 120 epochs): the victim did not
+tell its own pattern and mask from another image's even on its training images (seed 2: 70%).
+With both: ASR 98.2, 94.8, 87.7, 92.9, 96.3 at ACC 99.4, 99.7, 99.2, 100.0, 99.4 (clean model
+99.7, 100.0, 99.4, 100.0, 99.2).
 """
 
 from __future__ import annotations
