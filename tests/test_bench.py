@@ -209,7 +209,7 @@ def test_scored_epochs_hold_every_asha_rung_below_the_last_epoch(max_t: int, pla
     assert trainable.scored_epochs(spec, planned, max_t) == want
     assert trainable.scored_epochs(dataclasses.replace(spec, val_epochs="every"), planned,
                                    max_t) is None
-    grace = trainable.asha_grace(max_t)
+    grace = trainable.asha_grace(spec, max_t)
     if scheduler == "asha" and grace is not None:
         # Tune's scheduler fed every epoch, and fed the scored epochs only, records the same
         # epoch's value (value = epoch) at each rung, and stops the trial at the same epoch.

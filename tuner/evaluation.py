@@ -30,7 +30,7 @@ from defenses import get_defense, make_config
 from tuner.records import CPU_SECONDS, DEVICE_SECONDS, GPU_PEAK_MB
 from zoo.data import Split, Splits, redraw_clean
 from zoo.metrics import der, evaluate
-from zoo.runtime import JobMap, Precision, SerialMap
+from zoo.runtime import JobMap, Precision, SerialMap, in_order
 from zoo.sequela import mia_auc, ra_anchors, retuning_attack
 from zoo.sequela import sequela as measure_sequela
 from zoo.victims import Victim
@@ -330,9 +330,9 @@ def mia_before(victims: Sequence[Victim], splits: Splits, *, seed: int, device: 
                precision: Precision = "auto", jobs: JobMap | None = None) -> dict[str, float]:
     """Membership-inference AUC of each undefended victim (what a defense's change is against);
     one job per victim (``jobs``, else here on ``device``)."""
-    done = dict((jobs or SerialMap(device))(_mia_job, [(v, seed, precision) for v in victims],
-                                            splits=splits))
-    return {v.attack: done[i] for i, v in enumerate(victims)}
+    aucs = in_order(jobs or SerialMap(device), _mia_job, [(v, seed, precision) for v in victims],
+                    splits=splits)
+    return {v.attack: auc for v, auc in zip(victims, aucs)}
 
 
 def _mia_job(victim: Victim, seed: int, precision: Precision, *, splits: Splits,
@@ -348,9 +348,9 @@ def anchors(victims: Sequence[Victim], clean: Victim, splits: Splits, *, seed: i
     defended model's post-RA ASR lies between; one job per victim (``jobs``, else here on
     ``device``). Victims trained elsewhere (not ``retunable``) have none."""
     some = [v for v in victims if v.retunable]
-    done = dict((jobs or SerialMap(device))(_anchor_job, [(v, clean, seed, precision) for v in some],
-                                            splits=splits))
-    return {v.attack: done[i] for i, v in enumerate(some)}
+    ends = in_order(jobs or SerialMap(device), _anchor_job,
+                    [(v, clean, seed, precision) for v in some], splits=splits)
+    return {v.attack: e for v, e in zip(some, ends)}
 
 
 def _anchor_job(victim: Victim, clean: Victim, seed: int, precision: Precision, *, splits: Splits,

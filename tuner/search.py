@@ -50,7 +50,7 @@ from tuner.report import console_summary, write_report
 from tuner.spaces import Space, space_to_json
 from tuner.spec import ExperimentSpec
 from zoo.data import Splits
-from zoo.runtime import JobMap, SerialMap
+from zoo.runtime import JobMap, SerialMap, in_order
 from zoo.victims import Victim, get_victims, prepare_attacks
 
 __all__ = ["final_evaluation", "least_infeasible", "pick_best", "provenance", "run_search"]
@@ -135,17 +135,12 @@ def final_evaluation(spec: ExperimentSpec, params: dict[str, Any], sets: list[Vi
     victim and seed is one job of ``jobs`` (None: here, one after another)."""
     params = searched_params(spec, params)
     seeds = range(spec.seed, spec.seed + spec.final_seeds)
-    cells = [(vs, seed, v) for vs in sets for seed in seeds for v in vs.victims]
-    done = dict((jobs or SerialMap(spec.zoo.device))(
-        final_job, [(spec.defense, params, v, seed, vs.mia, spec.zoo.precision)
-                    for vs, seed, v in cells], splits=splits))
-    runs = []
-    for vs in sets:
-        for seed in seeds:
-            per_attack = {v.attack: done[i] for i, (s, d, v) in enumerate(cells)
-                          if s is vs and d == seed}
-            runs.append({"victim_seed": vs.seed, "defense_seed": seed, "per_attack": per_attack})
-    return runs
+    cells = [(vs, seed) for vs in sets for seed in seeds]
+    results = iter(in_order(jobs or SerialMap(spec.zoo.device), final_job,
+                            [(spec.defense, params, v, seed, vs.mia, spec.zoo.precision)
+                             for vs, seed in cells for v in vs.victims], splits=splits))
+    return [{"victim_seed": vs.seed, "defense_seed": seed,
+             "per_attack": {v.attack: next(results) for v in vs.victims}} for vs, seed in cells]
 
 
 def references(spec: ExperimentSpec, sets: list[VictimSet], splits: Splits,

@@ -168,7 +168,7 @@ class ExperimentSpec:
         "spec.json, trials.json, study.db and the report stay in OUTPUT/NAME on the driver",
         default_text="OUTPUT/NAME/ray", metavar="URI", group="output"))
     mlflow: str | None = field(default=None, metadata=_opt(
-        "log every trial's config and per-epoch metrics to MLflow (Ray Tune's "
+        "log every trial's config and scored epochs' metrics to MLflow (Ray Tune's "
         "MLflowLoggerCallback; experiment NAME, one MLflow run per trial): a folder (a file "
         "store), file:///abs/path, sqlite:///path/mlflow.db or http(s)://HOST:PORT; Tune logs "
         "from the driver, so only the driver needs to reach it (needs mlflow-skinny)",

@@ -3,7 +3,7 @@
 
 The logging itself is Ray Tune's own (``MLflowLoggerCallback``, ``WandbLoggerCallback``,
 added by :func:`tuner.trainable.tracking_callbacks`): every trial's config as parameters and
-each epoch's report as metrics, step = epoch. Tune calls its logger callbacks in the driver,
+each scored epoch's report as metrics, step = epoch. Tune calls its logger callbacks in the driver,
 so an MLflow store or server needs to be reachable from the driver only, not from the
 workers; W&B runs offline and writes under the run folder on the driver's machine.
 

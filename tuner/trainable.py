@@ -76,10 +76,12 @@ def trial(config: dict[str, Any], *, spec: ExperimentSpec, victims: list[Any], s
                      **meter.read(spec.gpus)})
 
 
-def asha_grace(max_t: int) -> int | None:
+def asha_grace(spec: ExperimentSpec, max_t: int) -> int | None:
     """ASHA's first rung (grace period) for a search of ``max_t`` epochs; None where the
     search runs FIFO (``--scheduler fifo``, or a single epoch)."""
-    return None if max_t < 2 else 1 if max_t < 6 else 2
+    if spec.scheduler == "fifo" or max_t < 2:
+        return None
+    return 1 if max_t < 6 else 2
 
 
 def scored_epochs(spec: ExperimentSpec, planned: int, max_t: int) -> frozenset[int] | None:
@@ -90,7 +92,7 @@ def scored_epochs(spec: ExperimentSpec, planned: int, max_t: int) -> frozenset[i
     with every epoch scored."""
     if spec.val_epochs == "every":
         return None
-    grace = asha_grace(max_t) if spec.scheduler == "asha" else None
+    grace = asha_grace(spec, max_t)
     rungs = set()
     while grace is not None and grace < planned:
         rungs.add(grace)
@@ -287,8 +289,8 @@ def fitting(spec: ExperimentSpec, have: dict[str, float]) -> int:
 def max_concurrent(spec: ExperimentSpec) -> int:
     """How many trials run at once: as many as fit in the cluster now, capped by
     --max-concurrent. With --autoscale, --max-concurrent (else what fits now, at least
-    ``AUTOSCALE_TRIALS``): trials beyond what fits wait for the nodes the autoscaler adds."""
-    spec = on_cluster(spec)
+    ``AUTOSCALE_TRIALS``): trials beyond what fits wait for the nodes the autoscaler adds.
+    ``spec``'s GPU share is resolved (:func:`on_cluster`)."""
     have = ray.cluster_resources()
     fit = fitting(spec, have)
     if spec.autoscale:
@@ -362,8 +364,8 @@ class ProgressCallback(tune.Callback):
 # -- tracking (--mlflow, --wandb) ---------------------------------------------------------------
 def tracking_callbacks(spec: ExperimentSpec) -> list[tune.Callback]:
     """Ray Tune's own logger callbacks for ``--mlflow`` and ``--wandb``: each trial's config
-    (its parameters and ``trial_number``, Optuna's number) and every epoch's report, at step =
-    epoch. Tune calls them in the driver: an MLflow store or server must be reachable from the
+    (its parameters and ``trial_number``, Optuna's number) and every scored epoch's report, at
+    step = epoch. Tune calls them in the driver: an MLflow store or server must be reachable from the
     driver only. W&B runs offline, one run per trial under ``RUN/wandb``, grouped by NAME."""
     callbacks: list[tune.Callback] = []
     tags = {"defense": spec.defense, "objective": spec.objective, "dataset": spec.zoo.dataset,
@@ -432,8 +434,8 @@ def run_tune(spec: ExperimentSpec, space: Any, victims: list[Any], splits: Any, 
         tuner = _restore(path, spec.local_experiment_dir, trainable)
         print(f"resuming {path}", flush=True)
     else:
-        grace = asha_grace(max_t)  # time_attr "epoch": a trial reports its scored epochs only
-        scheduler = FIFOScheduler() if spec.scheduler == "fifo" or grace is None else ASHAScheduler(
+        grace = asha_grace(spec, max_t)  # time_attr "epoch": a trial reports its scored epochs
+        scheduler = FIFOScheduler() if grace is None else ASHAScheduler(
             time_attr="epoch", metric=SCORE, mode="max", max_t=max_t, grace_period=grace,
             reduction_factor=REDUCTION_FACTOR)
         searcher = OptunaSearcher(AskTell(space.distributions, spec.objective, space.default,

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 __all__ = ["BUILD_THREADS", "PRECISIONS", "JobMap", "Precision", "SerialMap", "autocast",
-           "cpu_has_native_bf16", "cuda_has_native_bf16", "eval_batch_size", "eval_mode", "keep_freed_memory",
-           "pick_device", "prepare_model", "reproducible_precision", "seed_everything",
+           "cpu_has_native_bf16", "cuda_has_native_bf16", "eval_batch_size", "eval_mode", "in_order",
+           "keep_freed_memory", "pick_device", "prepare_model", "reproducible_precision", "seed_everything",
            "stored_work_threads", "to_device_layout", "use_bf16"]
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -201,6 +201,14 @@ class JobMap(Protocol):
 
     def __call__(self, fn: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], **shared: Any
                  ) -> Iterator[tuple[int, Any]]: ...
+
+
+def in_order(jobs: JobMap, fn: Callable[..., Any], args: Sequence[tuple[Any, ...]], **shared: Any
+             ) -> list[Any]:
+    """``jobs``' results of ``fn`` on each of ``args``, in the order of ``args`` (jobs finish in
+    any order)."""
+    done = dict(jobs(fn, args, **shared))
+    return [done[i] for i in range(len(args))]
 
 
 class SerialMap:
